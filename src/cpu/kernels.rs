@@ -1,0 +1,690 @@
+//! The CPU kernel bodies, written once against [`Simd`] and run through
+//! [`dispatch`](super::simd::dispatch) at each task.
+//!
+//! Two memory patterns (see `shape::Pattern`):
+//! - *runs*: a channel is a list of contiguous runs (channels-first with spatial > 1); each
+//!   kernel streams a run with several independent vector accumulators.
+//! - *rows*: a channel is a column of a row-major `[rows][C]` matrix (channels-last, or any
+//!   layout with one spatial position); vector lanes are channels, per-channel accumulators
+//!   live in small arrays that stay in L1.
+//!
+//! Statistics accumulate in f32 (Welford for moments, plain sums for the backward
+//! reductions) for at most [`FLUSH_STEPS`] steps per lane, then fold into f64 with Chan's
+//! merge, so the f32 error never grows with M.
+
+use super::simd::{Kernel, Simd};
+use crate::dtype::Element;
+use crate::stats::Moments;
+
+/// Steps an f32 lane accumulates before it is folded into the f64 totals.
+pub(crate) const FLUSH_STEPS: u32 = 256;
+
+/// Independent vector accumulators per run kernel (hides the FMA latency).
+const ACC: usize = 4;
+
+// ---------------------------------------------------------------- moments over runs
+
+/// Welford moments of one channel streamed run by run.
+pub(crate) struct RunMoments<S: Simd> {
+    mean: [S::V; ACC],
+    m2: [S::V; ACC],
+    steps: u32,
+    mean1: S::V,
+    m2_1: S::V,
+    steps1: u32,
+    total: Moments,
+}
+
+impl<S: Simd> RunMoments<S> {
+    #[inline(always)]
+    pub(crate) fn new(s: S) -> Self {
+        let z = s.splat(0.0);
+        RunMoments {
+            mean: [z; ACC],
+            m2: [z; ACC],
+            steps: 0,
+            mean1: z,
+            m2_1: z,
+            steps1: 0,
+            total: Moments::default(),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn push_run<T: Element>(&mut self, s: S, x: &[T]) {
+        let l = S::LANES;
+        let mut groups = x.chunks_exact(ACC * l);
+        for g in &mut groups {
+            self.steps += 1;
+            let inv = s.splat(1.0 / self.steps as f32);
+            for k in 0..ACC {
+                let v = s.load(&g[k * l..]);
+                let d = s.sub(v, self.mean[k]);
+                self.mean[k] = s.fma(d, inv, self.mean[k]);
+                self.m2[k] = s.fma(d, s.sub(v, self.mean[k]), self.m2[k]);
+            }
+            if self.steps == FLUSH_STEPS {
+                self.flush_groups(s);
+            }
+        }
+        let rest = groups.remainder();
+        let mut vecs = rest.chunks_exact(l);
+        for v in &mut vecs {
+            self.steps1 += 1;
+            let inv = s.splat(1.0 / self.steps1 as f32);
+            let v = s.load(v);
+            let d = s.sub(v, self.mean1);
+            self.mean1 = s.fma(d, inv, self.mean1);
+            self.m2_1 = s.fma(d, s.sub(v, self.mean1), self.m2_1);
+            if self.steps1 == FLUSH_STEPS {
+                self.flush_single(s);
+            }
+        }
+        for v in vecs.remainder() {
+            self.total.push(v.to_f64());
+        }
+    }
+
+    #[inline(always)]
+    fn flush_groups(&mut self, s: S) {
+        if self.steps == 0 {
+            return;
+        }
+        let z = s.splat(0.0);
+        for k in 0..ACC {
+            fold_lanes(s, self.steps, self.mean[k], self.m2[k], &mut self.total);
+            self.mean[k] = z;
+            self.m2[k] = z;
+        }
+        self.steps = 0;
+    }
+
+    #[inline(always)]
+    fn flush_single(&mut self, s: S) {
+        if self.steps1 == 0 {
+            return;
+        }
+        fold_lanes(s, self.steps1, self.mean1, self.m2_1, &mut self.total);
+        self.mean1 = s.splat(0.0);
+        self.m2_1 = s.splat(0.0);
+        self.steps1 = 0;
+    }
+
+    #[inline(always)]
+    pub(crate) fn finish(mut self, s: S) -> Moments {
+        self.flush_groups(s);
+        self.flush_single(s);
+        self.total
+    }
+}
+
+/// Fold `LANES` Welford lanes, each over `steps` values, into `total` (Chan, in f64).
+#[inline(always)]
+fn fold_lanes<S: Simd>(s: S, steps: u32, mean: S::V, m2: S::V, total: &mut Moments) {
+    let (means, m2s) = (s.to_array(mean), s.to_array(m2));
+    let l = S::LANES;
+    let n = steps as f64;
+    let avg = means[..l].iter().map(|&m| m as f64).sum::<f64>() / l as f64;
+    let spread: f64 = means[..l]
+        .iter()
+        .map(|&m| (m as f64 - avg) * (m as f64 - avg))
+        .sum();
+    let m2_sum: f64 = m2s[..l].iter().map(|&v| v as f64).sum();
+    total.merge(&Moments {
+        count: n * l as f64,
+        mean: avg,
+        m2: m2_sum + n * spread,
+    });
+}
+
+// ---------------------------------------------------------------- moments over rows
+
+/// Welford moments of every channel of a block of rows (`[rows][C]`).
+pub(crate) struct RowMoments {
+    mean: Vec<f32>,
+    m2: Vec<f32>,
+    steps: u32,
+    pub(crate) total: Vec<Moments>,
+}
+
+impl RowMoments {
+    pub(crate) fn new(c: usize) -> Self {
+        RowMoments {
+            mean: vec![0.0; c],
+            m2: vec![0.0; c],
+            steps: 0,
+            total: vec![Moments::default(); c],
+        }
+    }
+
+    fn flush(&mut self) {
+        let n = self.steps as f64;
+        for ((t, m), q) in self.total.iter_mut().zip(&mut self.mean).zip(&mut self.m2) {
+            t.merge(&Moments {
+                count: n,
+                mean: *m as f64,
+                m2: *q as f64,
+            });
+            *m = 0.0;
+            *q = 0.0;
+        }
+        self.steps = 0;
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<Moments> {
+        if self.steps > 0 {
+            self.flush();
+        }
+        self.total
+    }
+}
+
+/// Kernel: add the rows of `x` (a whole number of rows of `acc.mean.len()` channels).
+pub(crate) struct RowMomentsKernel<'a, T> {
+    pub acc: &'a mut RowMoments,
+    pub x: &'a [T],
+}
+
+impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let acc = self.acc;
+        let c = acc.mean.len();
+        let l = S::LANES;
+        let cv = c - c % l;
+        for row in self.x.chunks_exact(c) {
+            acc.steps += 1;
+            let inv1 = 1.0 / acc.steps as f32;
+            let inv = s.splat(inv1);
+            let (mv, qv) = (&mut acc.mean[..], &mut acc.m2[..]);
+            for j in (0..cv).step_by(l) {
+                let v = s.load(&row[j..]);
+                let m = s.load_f32(&mv[j..]);
+                let d = s.sub(v, m);
+                let m = s.fma(d, inv, m);
+                let q = s.fma(d, s.sub(v, m), s.load_f32(&qv[j..]));
+                s.store_f32(&mut mv[j..], m);
+                s.store_f32(&mut qv[j..], q);
+            }
+            for j in cv..c {
+                let v = row[j].to_f32();
+                let d = v - mv[j];
+                mv[j] += d * inv1;
+                qv[j] += d * (v - mv[j]);
+            }
+            if acc.steps == FLUSH_STEPS {
+                acc.flush();
+            }
+        }
+    }
+}
+
+/// Kernel: moments of one channel given as a list of runs.
+pub(crate) struct RunMomentsKernel<'a, 'b, T> {
+    pub runs: &'b [&'a [T]],
+}
+
+impl<T: Element> Kernel for RunMomentsKernel<'_, '_, T> {
+    type Output = Moments;
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> Moments {
+        let mut acc = RunMoments::new(s);
+        for r in self.runs {
+            acc.push_run(s, r);
+        }
+        acc.finish(s)
+    }
+}
+
+// ---------------------------------------------------------------- normalize
+
+/// Per-channel affine map of the forward pass: `y = act((x - mean) * scale + shift + z)`.
+#[derive(Clone, Copy)]
+pub(crate) struct ChannelAffine {
+    pub mean: f32,
+    pub scale: f32,
+    pub shift: f32,
+}
+
+/// Kernel: normalize a list of runs, each with its channel's map.
+pub(crate) struct NormalizeRuns<'a, 'b, T> {
+    /// (x run, z run if fused add, y run, channel map)
+    pub runs: &'b mut [NormRun<'a, T>],
+    pub relu: bool,
+}
+
+pub(crate) struct NormRun<'a, T> {
+    pub x: &'a [T],
+    pub z: Option<&'a [T]>,
+    pub y: &'a mut [T],
+    pub map: ChannelAffine,
+}
+
+impl<T: Element> Kernel for NormalizeRuns<'_, '_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        for r in self.runs.iter_mut() {
+            match (r.z, self.relu) {
+                (None, false) => norm_run::<S, T, false, false>(s, r.x, r.x, r.y, r.map),
+                (None, true) => norm_run::<S, T, false, true>(s, r.x, r.x, r.y, r.map),
+                (Some(z), false) => norm_run::<S, T, true, false>(s, r.x, z, r.y, r.map),
+                (Some(z), true) => norm_run::<S, T, true, true>(s, r.x, z, r.y, r.map),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    x: &[T],
+    z: &[T],
+    y: &mut [T],
+    m: ChannelAffine,
+) {
+    let l = S::LANES;
+    let n = x.len();
+    let nv = n - n % l;
+    let (mean, scale, shift) = (s.splat(m.mean), s.splat(m.scale), s.splat(m.shift));
+    for i in (0..nv).step_by(l) {
+        let mut v = s.fma(s.sub(s.load(&x[i..]), mean), scale, shift);
+        if ADD {
+            v = s.add(v, s.load(&z[i..]));
+        }
+        if RELU {
+            v = s.relu(v);
+        }
+        s.store(&mut y[i..], v);
+    }
+    for i in nv..n {
+        let mut v = (x[i].to_f32() - m.mean).mul_add(m.scale, m.shift);
+        if ADD {
+            v += z[i].to_f32();
+        }
+        if RELU && v < 0.0 {
+            v = 0.0;
+        }
+        y[i] = T::from_f32_rounded(v);
+    }
+}
+
+/// Kernel: normalize whole rows of `[rows][C]` with per-channel arrays.
+pub(crate) struct NormalizeRows<'a, T> {
+    pub x: &'a [T],
+    pub z: Option<&'a [T]>,
+    pub y: &'a mut [T],
+    pub mean: &'a [f32],
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+    pub relu: bool,
+}
+
+impl<T: Element> Kernel for NormalizeRows<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        match (self.z, self.relu) {
+            (None, false) => norm_rows::<S, T, false, false>(s, self.x, self.x, self),
+            (None, true) => norm_rows::<S, T, false, true>(s, self.x, self.x, self),
+            (Some(z), false) => norm_rows::<S, T, true, false>(s, self.x, z, self),
+            (Some(z), true) => norm_rows::<S, T, true, true>(s, self.x, z, self),
+        }
+    }
+}
+
+#[inline(always)]
+fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    x: &[T],
+    z: &[T],
+    k: NormalizeRows<'_, T>,
+) {
+    let c = k.mean.len();
+    let l = S::LANES;
+    let cv = c - c % l;
+    let zrows = z.chunks_exact(c);
+    for ((xr, zr), yr) in x.chunks_exact(c).zip(zrows).zip(k.y.chunks_exact_mut(c)) {
+        for j in (0..cv).step_by(l) {
+            let mut v = s.fma(
+                s.sub(s.load(&xr[j..]), s.load_f32(&k.mean[j..])),
+                s.load_f32(&k.scale[j..]),
+                s.load_f32(&k.shift[j..]),
+            );
+            if ADD {
+                v = s.add(v, s.load(&zr[j..]));
+            }
+            if RELU {
+                v = s.relu(v);
+            }
+            s.store(&mut yr[j..], v);
+        }
+        for j in cv..c {
+            let mut v = (xr[j].to_f32() - k.mean[j]).mul_add(k.scale[j], k.shift[j]);
+            if ADD {
+                v += zr[j].to_f32();
+            }
+            if RELU && v < 0.0 {
+                v = 0.0;
+            }
+            yr[j] = T::from_f32_rounded(v);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- backward reductions
+
+/// f64 totals of the backward reduction of one channel: `sum g` and `sum g * (x - mean)`.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct GradSums {
+    pub g: f64,
+    pub gx: f64,
+}
+
+impl GradSums {
+    pub(crate) fn add(&mut self, o: &GradSums) {
+        self.g += o.g;
+        self.gx += o.gx;
+    }
+}
+
+/// One run of the backward inputs of a channel.
+pub(crate) struct GradRun<'a, T> {
+    pub dy: &'a [T],
+    pub x: &'a [T],
+    /// the forward output, present when ReLU was fused
+    pub y: Option<&'a [T]>,
+}
+
+/// Kernel: backward sums of one channel given as runs.
+pub(crate) struct GradSumRuns<'a, 'b, T> {
+    pub runs: &'b [GradRun<'a, T>],
+    pub mean: f32,
+}
+
+impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
+    type Output = GradSums;
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> GradSums {
+        let l = S::LANES;
+        let z = s.splat(0.0);
+        let mean = s.splat(self.mean);
+        let (mut sg, mut sgx) = ([z; ACC], [z; ACC]);
+        let mut steps = 0u32;
+        let mut out = GradSums::default();
+        let fold = |sg: &mut [S::V; ACC], sgx: &mut [S::V; ACC], out: &mut GradSums| {
+            for k in 0..ACC {
+                let (a, b) = (s.to_array(sg[k]), s.to_array(sgx[k]));
+                out.g += a[..l].iter().map(|&v| v as f64).sum::<f64>();
+                out.gx += b[..l].iter().map(|&v| v as f64).sum::<f64>();
+                sg[k] = z;
+                sgx[k] = z;
+            }
+        };
+        for r in self.runs {
+            let n = r.x.len();
+            let step = ACC * l;
+            let nv = n - n % l;
+            let mut i = 0;
+            // ACC vectors at a time, then single vectors (into accumulator 0), then scalars.
+            while i < nv {
+                let width = if i + step <= nv { ACC } else { 1 };
+                for k in 0..width {
+                    let o = i + k * l;
+                    let dy = s.load(&r.dy[o..]);
+                    let g = match r.y {
+                        Some(y) => s.where_positive(s.load(&y[o..]), dy),
+                        None => dy,
+                    };
+                    sg[k] = s.add(sg[k], g);
+                    sgx[k] = s.fma(g, s.sub(s.load(&r.x[o..]), mean), sgx[k]);
+                }
+                i += width * l;
+                steps += 1;
+                if steps == FLUSH_STEPS {
+                    fold(&mut sg, &mut sgx, &mut out);
+                    steps = 0;
+                }
+            }
+            for j in nv..n {
+                let dy = r.dy[j].to_f64();
+                let g = match r.y {
+                    Some(y) if y[j].to_f32() <= 0.0 => 0.0,
+                    _ => dy,
+                };
+                out.g += g;
+                out.gx += g * (r.x[j].to_f64() - self.mean as f64);
+            }
+        }
+        fold(&mut sg, &mut sgx, &mut out);
+        out
+    }
+}
+
+/// Kernel: backward sums of every channel over whole rows of `[rows][C]`.
+pub(crate) struct GradSumRows<'a, T> {
+    pub dy: &'a [T],
+    pub x: &'a [T],
+    pub y: Option<&'a [T]>,
+    pub mean: &'a [f32],
+}
+
+impl<T: Element> Kernel for GradSumRows<'_, T> {
+    type Output = Vec<GradSums>;
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) -> Vec<GradSums> {
+        let c = self.mean.len();
+        let l = S::LANES;
+        let cv = c - c % l;
+        let mut sg = vec![0.0f32; c];
+        let mut sgx = vec![0.0f32; c];
+        let mut out = vec![GradSums::default(); c];
+        let mut steps = 0u32;
+        let fold = |sg: &mut [f32], sgx: &mut [f32], out: &mut [GradSums]| {
+            for ((o, a), b) in out.iter_mut().zip(sg.iter_mut()).zip(sgx.iter_mut()) {
+                o.g += *a as f64;
+                o.gx += *b as f64;
+                *a = 0.0;
+                *b = 0.0;
+            }
+        };
+        let rows = self.x.len() / c;
+        for r in 0..rows {
+            let (xr, dyr) = (&self.x[r * c..][..c], &self.dy[r * c..][..c]);
+            let yr = self.y.map(|y| &y[r * c..][..c]);
+            for j in (0..cv).step_by(l) {
+                let dy = s.load(&dyr[j..]);
+                let g = match yr {
+                    Some(y) => s.where_positive(s.load(&y[j..]), dy),
+                    None => dy,
+                };
+                let a = s.add(s.load_f32(&sg[j..]), g);
+                let xc = s.sub(s.load(&xr[j..]), s.load_f32(&self.mean[j..]));
+                let b = s.fma(g, xc, s.load_f32(&sgx[j..]));
+                s.store_f32(&mut sg[j..], a);
+                s.store_f32(&mut sgx[j..], b);
+            }
+            for j in cv..c {
+                let dy = dyr[j].to_f32();
+                let g = match yr {
+                    Some(y) if y[j].to_f32() <= 0.0 => 0.0,
+                    _ => dy,
+                };
+                sg[j] += g;
+                sgx[j] += g * (xr[j].to_f32() - self.mean[j]);
+            }
+            steps += 1;
+            if steps == FLUSH_STEPS {
+                fold(&mut sg, &mut sgx, &mut out);
+                steps = 0;
+            }
+        }
+        fold(&mut sg, &mut sgx, &mut out);
+        out
+    }
+}
+
+// ---------------------------------------------------------------- backward elementwise
+
+/// Per-channel map of the input gradient: `dx = a * ((g - gmean) + k * (x - mean))`.
+///
+/// This grouping rounds once at the scale of `g` before the final product, so `dx` keeps
+/// its accuracy when the two terms cancel (small M, or g nearly affine in x).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradMap {
+    pub mean: f32,
+    pub a: f32,
+    pub gmean: f32,
+    pub k: f32,
+}
+
+/// Outputs of one backward run.
+pub(crate) struct GradOutRun<'a, T> {
+    pub inp: GradRun<'a, T>,
+    pub dx: &'a mut [T],
+    pub dz: Option<&'a mut [T]>,
+    pub map: GradMap,
+}
+
+/// Kernel: input gradient (and residual gradient) of a list of runs.
+pub(crate) struct GradRuns<'a, 'b, T> {
+    pub runs: &'b mut [GradOutRun<'a, T>],
+}
+
+impl<T: Element> Kernel for GradRuns<'_, '_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        for r in self.runs.iter_mut() {
+            let m = r.map;
+            grad_span(
+                s,
+                &r.inp,
+                &mut *r.dx,
+                r.dz.as_deref_mut(),
+                0,
+                r.inp.x.len(),
+                |_| m,
+            );
+        }
+    }
+}
+
+/// `dx`, `dz` over `[lo, hi)` of one span where channel maps come from `map_of(i)`; the
+/// vector part takes the map of its first element (callers give spans where that is right).
+#[inline(always)]
+fn grad_span<S: Simd, T: Element>(
+    s: S,
+    inp: &GradRun<'_, T>,
+    dx: &mut [T],
+    mut dz: Option<&mut [T]>,
+    lo: usize,
+    hi: usize,
+    map_of: impl Fn(usize) -> GradMap,
+) {
+    let l = S::LANES;
+    let nv = lo + (hi - lo) / l * l;
+    let m = map_of(lo);
+    let (mean, a, gmean, k) = (
+        s.splat(m.mean),
+        s.splat(m.a),
+        s.splat(m.gmean),
+        s.splat(m.k),
+    );
+    for i in (lo..nv).step_by(l) {
+        let dy = s.load(&inp.dy[i..]);
+        let g = match inp.y {
+            Some(y) => s.where_positive(s.load(&y[i..]), dy),
+            None => dy,
+        };
+        let v = s.mul(
+            a,
+            s.fma(k, s.sub(s.load(&inp.x[i..]), mean), s.sub(g, gmean)),
+        );
+        s.store(&mut dx[i..], v);
+        if let Some(dz) = dz.as_deref_mut() {
+            s.store(&mut dz[i..], g);
+        }
+    }
+    for i in nv..hi {
+        let m = map_of(i);
+        let dy = inp.dy[i].to_f32();
+        let g = match inp.y {
+            Some(y) if y[i].to_f32() <= 0.0 => 0.0,
+            _ => dy,
+        };
+        dx[i] = T::from_f32_rounded(m.a * m.k.mul_add(inp.x[i].to_f32() - m.mean, g - m.gmean));
+        if let Some(dz) = dz.as_deref_mut() {
+            dz[i] = T::from_f32_rounded(g);
+        }
+    }
+}
+
+/// Kernel: input gradient over whole rows of `[rows][C]` with per-channel arrays.
+pub(crate) struct GradRows<'a, T> {
+    pub inp: GradRun<'a, T>,
+    pub dx: &'a mut [T],
+    pub dz: Option<&'a mut [T]>,
+    pub mean: &'a [f32],
+    pub a: &'a [f32],
+    pub gmean: &'a [f32],
+    pub k: &'a [f32],
+}
+
+impl<T: Element> Kernel for GradRows<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let ch = self.mean.len();
+        let l = S::LANES;
+        let cv = ch - ch % l;
+        let rows = self.inp.x.len() / ch;
+        let mut dz = self.dz;
+        for r in 0..rows {
+            let o = r * ch;
+            for j in (0..cv).step_by(l) {
+                let i = o + j;
+                let dy = s.load(&self.inp.dy[i..]);
+                let g = match self.inp.y {
+                    Some(y) => s.where_positive(s.load(&y[i..]), dy),
+                    None => dy,
+                };
+                let xc = s.sub(s.load(&self.inp.x[i..]), s.load_f32(&self.mean[j..]));
+                let v = s.mul(
+                    s.load_f32(&self.a[j..]),
+                    s.fma(
+                        s.load_f32(&self.k[j..]),
+                        xc,
+                        s.sub(g, s.load_f32(&self.gmean[j..])),
+                    ),
+                );
+                s.store(&mut self.dx[i..], v);
+                if let Some(dz) = dz.as_deref_mut() {
+                    s.store(&mut dz[i..], g);
+                }
+            }
+            if cv < ch {
+                let map = |i: usize| {
+                    let j = i - o;
+                    GradMap {
+                        mean: self.mean[j],
+                        a: self.a[j],
+                        gmean: self.gmean[j],
+                        k: self.k[j],
+                    }
+                };
+                // the tail is shorter than one vector, so grad_span runs it scalar
+                grad_span(
+                    s,
+                    &self.inp,
+                    &mut *self.dx,
+                    dz.as_deref_mut(),
+                    o + cv,
+                    o + ch,
+                    map,
+                );
+            }
+        }
+    }
+}

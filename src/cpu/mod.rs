@@ -1,0 +1,423 @@
+//! The CPU backend: rayon threads over channels and over M, SIMD kernels chosen at run time.
+//!
+//! Everything here runs after validation (`crate::validate`): lengths are right, per-channel
+//! slices have C entries, and nothing can fail any more, so outputs are either fully
+//! written or (on a validation error, before this module is entered) untouched.
+
+mod kernels;
+mod partition;
+pub(crate) mod simd;
+
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::shape::{Pattern, Shape};
+use crate::stats::Moments;
+use kernels::*;
+use partition::Split;
+use rayon::prelude::*;
+use simd::dispatch;
+pub use simd::SimdLevel;
+use std::sync::Arc;
+
+/// A CPU "device": a thread pool (rayon's global one unless told otherwise) and the SIMD
+/// level the kernels run with.
+///
+/// ```
+/// use bnorm::cpu::{CpuDevice, SimdLevel};
+/// let cpu = CpuDevice::new();
+/// assert!(cpu.threads() >= 1);
+/// let scalar = CpuDevice::new().with_simd(SimdLevel::Scalar).unwrap();
+/// assert_eq!(scalar.simd(), SimdLevel::Scalar);
+/// ```
+#[derive(Clone)]
+pub struct CpuDevice {
+    pool: Option<Arc<rayon::ThreadPool>>,
+    simd: SimdLevel,
+}
+
+impl std::fmt::Debug for CpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuDevice")
+            .field("threads", &self.threads())
+            .field("simd", &self.simd)
+            .finish()
+    }
+}
+
+impl Default for CpuDevice {
+    fn default() -> Self {
+        CpuDevice::new()
+    }
+}
+
+impl CpuDevice {
+    /// rayon's global pool and the best SIMD level of this CPU; the environment variable
+    /// `BNORM_CPU_SIMD=scalar|avx2|avx512` lowers the level (an unsupported or unknown
+    /// value is ignored here; use [`CpuDevice::with_simd`] to get an error instead).
+    pub fn new() -> CpuDevice {
+        let best = SimdLevel::detect();
+        let simd = std::env::var("BNORM_CPU_SIMD")
+            .ok()
+            .and_then(|v| v.parse::<SimdLevel>().ok())
+            .filter(|l| l.is_supported())
+            .unwrap_or(best);
+        CpuDevice { pool: None, simd }
+    }
+
+    /// Use a dedicated pool of `threads` threads.
+    pub fn with_threads(mut self, threads: usize) -> Result<CpuDevice> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("bnorm-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::DeviceUnavailable {
+                requested: format!("cpu with {threads} threads"),
+                reason: e.to_string(),
+            })?;
+        self.pool = Some(Arc::new(pool));
+        Ok(self)
+    }
+
+    /// Force a SIMD level (for tests and comparisons). Errors if the CPU lacks it.
+    pub fn with_simd(mut self, level: SimdLevel) -> Result<CpuDevice> {
+        if !level.is_supported() {
+            return Err(Error::SimdUnsupported {
+                requested: level.to_string(),
+                available: SimdLevel::detect().to_string(),
+            });
+        }
+        self.simd = level;
+        Ok(self)
+    }
+
+    /// The SIMD level the kernels use.
+    pub fn simd(&self) -> SimdLevel {
+        self.simd
+    }
+
+    /// Threads the ops run on.
+    pub fn threads(&self) -> usize {
+        match &self.pool {
+            Some(p) => p.current_num_threads(),
+            None => rayon::current_num_threads(),
+        }
+    }
+
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- host-side op arguments
+
+/// Forward arguments after validation, all on the host.
+pub(crate) struct Forward<'a, T> {
+    pub x: &'a [T],
+    pub z: Option<&'a [T]>,
+    pub y: &'a mut [T],
+    pub relu: bool,
+}
+
+/// Backward arguments after validation, all on the host.
+pub(crate) struct Backward<'a, T> {
+    pub x: &'a [T],
+    pub y: Option<&'a [T]>,
+    pub dy: &'a [T],
+    pub dx: &'a mut [T],
+    pub dz: Option<&'a mut [T]>,
+}
+
+// ---------------------------------------------------------------- statistics
+
+/// Per-channel moments of `x` (f32 Welford in chunks, merged in f64).
+pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Vec<Moments> {
+    let level = dev.simd;
+    let threads = dev.threads();
+    dev.install(|| match shape.pattern() {
+        Pattern::Planes { n, c, s } => {
+            let split = Split::runs(n, c, s, threads);
+            let parts: Vec<Moments> = (0..c * split.parts)
+                .into_par_iter()
+                .map(|task| {
+                    let (ch, range) = split.task(task);
+                    let runs: Vec<&[T]> = range.map(|ni| &x[(ni * c + ch) * s..][..s]).collect();
+                    dispatch(level, RunMomentsKernel { runs: &runs })
+                })
+                .collect();
+            merge_moments(c, split.parts, &parts)
+        }
+        Pattern::Rows { rows, c } => {
+            let rows_per = partition::rows_per_task(rows, c, threads);
+            let parts: Vec<Vec<Moments>> = x
+                .par_chunks(rows_per * c)
+                .map(|block| {
+                    let mut acc = RowMoments::new(c);
+                    dispatch(
+                        level,
+                        RowMomentsKernel {
+                            acc: &mut acc,
+                            x: block,
+                        },
+                    );
+                    acc.finish()
+                })
+                .collect();
+            let mut out = vec![Moments::default(); c];
+            for p in &parts {
+                for (o, m) in out.iter_mut().zip(p) {
+                    o.merge(m);
+                }
+            }
+            out
+        }
+    })
+}
+
+fn merge_moments(c: usize, parts: usize, partial: &[Moments]) -> Vec<Moments> {
+    (0..c)
+        .map(|ch| {
+            let mut m = Moments::default();
+            for p in &partial[ch * parts..(ch + 1) * parts] {
+                m.merge(p);
+            }
+            m
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- normalize
+
+/// `y = act((x - mean) * scale + shift + z)` with per-channel `mean`, `scale`, `shift`.
+pub(crate) fn normalize<T: Element>(
+    dev: &CpuDevice,
+    shape: &Shape,
+    a: Forward<'_, T>,
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let level = dev.simd;
+    let threads = dev.threads();
+    let Forward { x, z, y, relu } = a;
+    dev.install(|| match shape.pattern() {
+        Pattern::Planes { c, s, .. } => {
+            let runs_per = partition::runs_per_task(s);
+            y.par_chunks_mut(runs_per * s)
+                .enumerate()
+                .for_each(|(t, yb)| {
+                    let first = t * runs_per;
+                    let mut runs: Vec<NormRun<'_, T>> = yb
+                        .chunks_mut(s)
+                        .enumerate()
+                        .map(|(k, yr)| {
+                            let i = first + k;
+                            let ch = i % c;
+                            NormRun {
+                                x: &x[i * s..][..s],
+                                z: z.map(|z| &z[i * s..][..s]),
+                                y: yr,
+                                map: ChannelAffine {
+                                    mean: mean[ch],
+                                    scale: scale[ch],
+                                    shift: shift[ch],
+                                },
+                            }
+                        })
+                        .collect();
+                    dispatch(
+                        level,
+                        NormalizeRuns {
+                            runs: &mut runs,
+                            relu,
+                        },
+                    );
+                });
+        }
+        Pattern::Rows { rows, c } => {
+            let rows_per = partition::rows_per_task(rows, c, threads);
+            y.par_chunks_mut(rows_per * c)
+                .enumerate()
+                .for_each(|(t, yb)| {
+                    let lo = t * rows_per * c;
+                    let hi = lo + yb.len();
+                    dispatch(
+                        level,
+                        NormalizeRows {
+                            x: &x[lo..hi],
+                            z: z.map(|z| &z[lo..hi]),
+                            y: yb,
+                            mean,
+                            scale,
+                            shift,
+                            relu,
+                        },
+                    );
+                });
+        }
+    })
+}
+
+// ---------------------------------------------------------------- backward
+
+/// Per-channel `sum g` and `sum g * (x - mean)`, `g` gated by ReLU when `y` is given.
+pub(crate) fn grad_sums<T: Element>(
+    dev: &CpuDevice,
+    shape: &Shape,
+    dy: &[T],
+    x: &[T],
+    y: Option<&[T]>,
+    mean: &[f32],
+) -> Vec<GradSums> {
+    let level = dev.simd;
+    let threads = dev.threads();
+    dev.install(|| match shape.pattern() {
+        Pattern::Planes { n, c, s } => {
+            let split = Split::runs(n, c, s, threads);
+            let parts: Vec<GradSums> = (0..c * split.parts)
+                .into_par_iter()
+                .map(|task| {
+                    let (ch, range) = split.task(task);
+                    let runs: Vec<GradRun<'_, T>> = range
+                        .map(|ni| {
+                            let o = (ni * c + ch) * s;
+                            GradRun {
+                                dy: &dy[o..][..s],
+                                x: &x[o..][..s],
+                                y: y.map(|y| &y[o..][..s]),
+                            }
+                        })
+                        .collect();
+                    dispatch(
+                        level,
+                        GradSumRuns {
+                            runs: &runs,
+                            mean: mean[ch],
+                        },
+                    )
+                })
+                .collect();
+            (0..c)
+                .map(|ch| {
+                    let mut g = GradSums::default();
+                    parts[ch * split.parts..(ch + 1) * split.parts]
+                        .iter()
+                        .for_each(|p| g.add(p));
+                    g
+                })
+                .collect()
+        }
+        Pattern::Rows { rows, c } => {
+            let rows_per = partition::rows_per_task(rows, c, threads);
+            let block = rows_per * c;
+            let parts: Vec<Vec<GradSums>> = (0..rows.div_ceil(rows_per))
+                .into_par_iter()
+                .map(|t| {
+                    let lo = t * block;
+                    let hi = (lo + block).min(x.len());
+                    dispatch(
+                        level,
+                        GradSumRows {
+                            dy: &dy[lo..hi],
+                            x: &x[lo..hi],
+                            y: y.map(|y| &y[lo..hi]),
+                            mean,
+                        },
+                    )
+                })
+                .collect();
+            let mut out = vec![GradSums::default(); c];
+            for p in &parts {
+                out.iter_mut().zip(p).for_each(|(o, g)| o.add(g));
+            }
+            out
+        }
+    })
+}
+
+/// `dx = a * ((g - gmean) + k * (x - mean))` per channel, and `dz = g` when asked.
+pub(crate) fn grad_input<T: Element>(
+    dev: &CpuDevice,
+    shape: &Shape,
+    a: Backward<'_, T>,
+    maps: &[GradMap],
+) {
+    let level = dev.simd;
+    let threads = dev.threads();
+    let Backward { x, y, dy, dx, dz } = a;
+    dev.install(|| match shape.pattern() {
+        Pattern::Planes { c, s, .. } => {
+            let runs_per = partition::runs_per_task(s);
+            let chunk = runs_per * s;
+            let mut dzs: Vec<Option<&mut [T]>> = match dz {
+                Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
+                None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
+            };
+            dx.par_chunks_mut(chunk)
+                .zip(dzs.par_iter_mut())
+                .enumerate()
+                .for_each(|(t, (dxb, dzb))| {
+                    let first = t * runs_per;
+                    let mut dz_runs = dzb.take().map(|d| d.chunks_mut(s));
+                    let mut runs: Vec<GradOutRun<'_, T>> = dxb
+                        .chunks_mut(s)
+                        .enumerate()
+                        .map(|(k, dxr)| {
+                            let i = first + k;
+                            let o = i * s;
+                            GradOutRun {
+                                inp: GradRun {
+                                    dy: &dy[o..][..s],
+                                    x: &x[o..][..s],
+                                    y: y.map(|y| &y[o..][..s]),
+                                },
+                                dx: dxr,
+                                dz: dz_runs.as_mut().and_then(|it| it.next()),
+                                map: maps[i % c],
+                            }
+                        })
+                        .collect();
+                    dispatch(level, GradRuns { runs: &mut runs });
+                });
+        }
+        Pattern::Rows { rows, c } => {
+            let rows_per = partition::rows_per_task(rows, c, threads);
+            let chunk = rows_per * c;
+            let mean: Vec<f32> = maps.iter().map(|m| m.mean).collect();
+            let ca: Vec<f32> = maps.iter().map(|m| m.a).collect();
+            let gmean: Vec<f32> = maps.iter().map(|m| m.gmean).collect();
+            let k: Vec<f32> = maps.iter().map(|m| m.k).collect();
+            let mut dzs: Vec<Option<&mut [T]>> = match dz {
+                Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
+                None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
+            };
+            dx.par_chunks_mut(chunk)
+                .zip(dzs.par_iter_mut())
+                .enumerate()
+                .for_each(|(t, (dxb, dzb))| {
+                    let lo = t * chunk;
+                    let hi = lo + dxb.len();
+                    dispatch(
+                        level,
+                        GradRows {
+                            inp: GradRun {
+                                dy: &dy[lo..hi],
+                                x: &x[lo..hi],
+                                y: y.map(|y| &y[lo..hi]),
+                            },
+                            dx: dxb,
+                            dz: dzb.take(),
+                            mean: &mean,
+                            a: &ca,
+                            gmean: &gmean,
+                            k: &k,
+                        },
+                    );
+                });
+        }
+    })
+}
+
+pub(crate) use kernels::{GradMap, GradSums};

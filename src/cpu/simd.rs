@@ -1,0 +1,582 @@
+//! Runtime-dispatched SIMD: one generic kernel body, three instruction sets.
+//!
+//! Kernels are written once against the [`Simd`] trait and implement [`Kernel`]. The entry
+//! point [`dispatch`] picks the instruction set once, at run time, and calls the kernel
+//! inside a function compiled with that set's target features; the kernel body and every
+//! `Simd` method are `#[inline(always)]`, so they are compiled with those features too.
+//! A token of type [`Avx512`] or [`Avx2`] is only ever made after the CPU was checked,
+//! which is what makes calling the intrinsics sound.
+
+use crate::dtype::{DType, Element};
+use std::fmt;
+
+/// Instruction set used by the CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    /// Plain Rust on `[f32; 8]` arrays (vectorized by the compiler for the baseline target).
+    Scalar,
+    /// AVX2 + FMA + F16C, 8 lanes.
+    Avx2,
+    /// AVX-512F, 16 lanes.
+    Avx512,
+}
+
+impl SimdLevel {
+    /// The best level this CPU supports.
+    pub fn detect() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                return SimdLevel::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Scalar
+    }
+
+    /// Whether this CPU can run `self`.
+    pub fn is_supported(self) -> bool {
+        self <= SimdLevel::detect()
+    }
+
+    /// f32 lanes per vector.
+    pub fn lanes(self) -> usize {
+        match self {
+            SimdLevel::Scalar => 8,
+            SimdLevel::Avx2 => 8,
+            SimdLevel::Avx512 => 16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+}
+
+impl fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for SimdLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Ok(SimdLevel::Scalar),
+            "avx2" => Ok(SimdLevel::Avx2),
+            "avx512" | "avx-512" => Ok(SimdLevel::Avx512),
+            _ => Err(format!(
+                "unknown SIMD level `{s}` (expected scalar, avx2 or avx512)"
+            )),
+        }
+    }
+}
+
+/// The operations the kernels need, on vectors of `LANES` f32.
+///
+/// Loads and stores take slices of at least `LANES` elements (checked); element types are
+/// converted in registers.
+pub(crate) trait Simd: Copy + Send + Sync + 'static {
+    const LANES: usize;
+    type V: Copy;
+
+    fn splat(self, v: f32) -> Self::V;
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c`, fused.
+    fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `max(v, 0)`; NaN stays NaN.
+    fn relu(self, v: Self::V) -> Self::V;
+    /// `v` where `mask_src > 0`, else 0 (the ReLU backward gate).
+    fn where_positive(self, mask_src: Self::V, v: Self::V) -> Self::V;
+
+    fn load_f32(self, src: &[f32]) -> Self::V;
+    fn store_f32(self, dst: &mut [f32], v: Self::V);
+    fn load_f16(self, src: &[half::f16]) -> Self::V;
+    fn store_f16(self, dst: &mut [half::f16], v: Self::V);
+    fn load_bf16(self, src: &[half::bf16]) -> Self::V;
+    fn store_bf16(self, dst: &mut [half::bf16], v: Self::V);
+
+    /// Load `LANES` elements of any activation type, widened to f32.
+    #[inline(always)]
+    fn load<T: Element>(self, src: &[T]) -> Self::V {
+        match T::DTYPE {
+            DType::F32 => self.load_f32(cast_slice(src)),
+            DType::F16 => self.load_f16(cast_slice(src)),
+            DType::BF16 => self.load_bf16(cast_slice(src)),
+        }
+    }
+
+    /// Round `LANES` f32 to the activation type and store them.
+    #[inline(always)]
+    fn store<T: Element>(self, dst: &mut [T], v: Self::V) {
+        match T::DTYPE {
+            DType::F32 => self.store_f32(cast_slice_mut(dst), v),
+            DType::F16 => self.store_f16(cast_slice_mut(dst), v),
+            DType::BF16 => self.store_bf16(cast_slice_mut(dst), v),
+        }
+    }
+
+    /// The lanes as an array (only the first `LANES` entries are meaningful).
+    #[inline(always)]
+    fn to_array(self, v: Self::V) -> [f32; 16] {
+        let mut a = [0.0f32; 16];
+        self.store_f32(&mut a[..Self::LANES], v);
+        a
+    }
+}
+
+/// Reinterpret a slice of one element type as another of the same type (checked by DType).
+#[inline(always)]
+fn cast_slice<T: Element, U: Element>(s: &[T]) -> &[U] {
+    assert!(T::DTYPE == U::DTYPE);
+    // SAFETY: T and U are the same type (the sealed Element types have distinct DTYPEs),
+    // so the pointer, length and lifetime are valid for U.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const U, s.len()) }
+}
+
+#[inline(always)]
+fn cast_slice_mut<T: Element, U: Element>(s: &mut [T]) -> &mut [U] {
+    assert!(T::DTYPE == U::DTYPE);
+    // SAFETY: as in `cast_slice`; the unique borrow is moved into the result.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut U, s.len()) }
+}
+
+/// A kernel body generic over the instruction set.
+pub(crate) trait Kernel {
+    type Output;
+    fn run<S: Simd>(self, s: S) -> Self::Output;
+}
+
+/// Run `k` with the instruction set `level`. The caller guarantees `level.is_supported()`
+/// (checked when the CPU device is built); an unsupported level falls back to scalar.
+#[inline]
+pub(crate) fn dispatch<K: Kernel>(level: SimdLevel, k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match level {
+            SimdLevel::Avx512 if x86::avx512_ok() => {
+                // SAFETY: the CPU supports AVX-512F, AVX2, FMA and F16C (checked above).
+                return unsafe { x86::run_avx512(k) };
+            }
+            SimdLevel::Avx2 if x86::avx2_ok() => {
+                // SAFETY: the CPU supports AVX2, FMA and F16C (checked above).
+                return unsafe { x86::run_avx2(k) };
+            }
+            _ => {}
+        }
+    }
+    let _ = level;
+    k.run(Scalar)
+}
+
+/// Portable fallback: 8 lanes in an array.
+#[derive(Clone, Copy)]
+pub(crate) struct Scalar;
+
+impl Simd for Scalar {
+    const LANES: usize = 8;
+    type V = [f32; 8];
+
+    #[inline(always)]
+    fn splat(self, v: f32) -> Self::V {
+        [v; 8]
+    }
+    #[inline(always)]
+    fn add(self, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] - b[i])
+    }
+    #[inline(always)]
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        // mul_add without hardware FMA is a libm call; a*b+c rounds twice but stays within
+        // the f32 contract (the scalar level is the fallback, not the fast path).
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    fn relu(self, v: Self::V) -> Self::V {
+        std::array::from_fn(|i| if v[i] < 0.0 { 0.0 } else { v[i] })
+    }
+    #[inline(always)]
+    fn where_positive(self, m: Self::V, v: Self::V) -> Self::V {
+        std::array::from_fn(|i| if m[i] > 0.0 { v[i] } else { 0.0 })
+    }
+    #[inline(always)]
+    fn load_f32(self, src: &[f32]) -> Self::V {
+        src[..8].try_into().unwrap()
+    }
+    #[inline(always)]
+    fn store_f32(self, dst: &mut [f32], v: Self::V) {
+        dst[..8].copy_from_slice(&v)
+    }
+    #[inline(always)]
+    fn load_f16(self, src: &[half::f16]) -> Self::V {
+        let s = &src[..8];
+        std::array::from_fn(|i| s[i].to_f32())
+    }
+    #[inline(always)]
+    fn store_f16(self, dst: &mut [half::f16], v: Self::V) {
+        let d = &mut dst[..8];
+        for i in 0..8 {
+            d[i] = half::f16::from_f32(v[i]);
+        }
+    }
+    #[inline(always)]
+    fn load_bf16(self, src: &[half::bf16]) -> Self::V {
+        let s = &src[..8];
+        std::array::from_fn(|i| s[i].to_f32())
+    }
+    #[inline(always)]
+    fn store_bf16(self, dst: &mut [half::bf16], v: Self::V) {
+        let d = &mut dst[..8];
+        for i in 0..8 {
+            d[i] = half::bf16::from_f32(v[i]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unused_imports)]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Kernel, Simd};
+    use std::arch::x86_64::*;
+
+    pub(super) fn avx512_ok() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    pub(super) fn avx2_ok() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
+        k.run(Avx512(()))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
+        k.run(Avx2(()))
+    }
+
+    /// Proof that the CPU has AVX-512F (+AVX2, FMA, F16C). Only `run_avx512` makes one.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512(());
+
+    /// Proof that the CPU has AVX2, FMA and F16C. Only `run_avx2` makes one.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2(());
+
+    // SAFETY (for every `unsafe` block in the two impls below): a value of `Avx512`/`Avx2`
+    // exists only inside `run_avx512`/`run_avx2`, which `dispatch` calls after checking
+    // the CPU features those intrinsics need; every pointer access is preceded by a
+    // bounds check of the slice against LANES.
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        type V = __m512;
+
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn add(self, a: __m512, b: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn sub(self, a: __m512, b: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul(self, a: __m512, b: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn fma(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn relu(self, v: __m512) -> __m512 {
+            // max(0, v) returns the second operand when v is NaN, so NaN propagates.
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_max_ps(_mm512_setzero_ps(), v) }
+        }
+        #[inline(always)]
+        fn where_positive(self, m: __m512, v: __m512) -> __m512 {
+            // SAFETY: see the impl comment.
+            unsafe {
+                let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_setzero_ps());
+                _mm512_maskz_mov_ps(k, v)
+            }
+        }
+        #[inline(always)]
+        fn load_f32(self, src: &[f32]) -> __m512 {
+            assert!(src.len() >= 16);
+            // SAFETY: 16 f32 are readable (checked); see the impl comment.
+            unsafe { _mm512_loadu_ps(src.as_ptr()) }
+        }
+        #[inline(always)]
+        fn store_f32(self, dst: &mut [f32], v: __m512) {
+            assert!(dst.len() >= 16);
+            // SAFETY: 16 f32 are writable (checked); see the impl comment.
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn load_f16(self, src: &[half::f16]) -> __m512 {
+            assert!(src.len() >= 16);
+            // SAFETY: 32 bytes are readable (checked); see the impl comment.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(src.as_ptr() as *const __m256i)) }
+        }
+        #[inline(always)]
+        fn store_f16(self, dst: &mut [half::f16], v: __m512) {
+            assert!(dst.len() >= 16);
+            // SAFETY: 32 bytes are writable (checked); see the impl comment.
+            unsafe {
+                let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, h)
+            }
+        }
+        #[inline(always)]
+        fn load_bf16(self, src: &[half::bf16]) -> __m512 {
+            assert!(src.len() >= 16);
+            // SAFETY: 32 bytes are readable (checked); see the impl comment.
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr() as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline(always)]
+        fn store_bf16(self, dst: &mut [half::bf16], v: __m512) {
+            assert!(dst.len() >= 16);
+            // SAFETY: 32 bytes are writable (checked); see the impl comment.
+            unsafe {
+                let bits = _mm512_castps_si512(v);
+                let hi = _mm512_srli_epi32::<16>(bits);
+                // round to nearest even: add 0x7fff plus the lowest kept bit
+                let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                    bits,
+                    _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
+                ));
+                // NaN: keep the sign and payload's top bits, force quiet
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+                let r = _mm512_mask_blend_epi32(nan, rounded, quiet);
+                _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, _mm512_cvtepi32_epi16(r))
+            }
+        }
+    }
+
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        type V = __m256;
+
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m256 {
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn add(self, a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn sub(self, a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul(self, a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the impl comment.
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn fma(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn relu(self, v: __m256) -> __m256 {
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            unsafe { _mm256_max_ps(_mm256_setzero_ps(), v) }
+        }
+        #[inline(always)]
+        fn where_positive(self, m: __m256, v: __m256) -> __m256 {
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            unsafe { _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(m, _mm256_setzero_ps()), v) }
+        }
+        #[inline(always)]
+        fn load_f32(self, src: &[f32]) -> __m256 {
+            assert!(src.len() >= 8);
+            // SAFETY: 8 f32 are readable (checked); see the impl comment.
+            unsafe { _mm256_loadu_ps(src.as_ptr()) }
+        }
+        #[inline(always)]
+        fn store_f32(self, dst: &mut [f32], v: __m256) {
+            assert!(dst.len() >= 8);
+            // SAFETY: 8 f32 are writable (checked); see the impl comment.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn load_f16(self, src: &[half::f16]) -> __m256 {
+            assert!(src.len() >= 8);
+            // SAFETY: 16 bytes are readable (checked); see the impl comment.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr() as *const __m128i)) }
+        }
+        #[inline(always)]
+        fn store_f16(self, dst: &mut [half::f16], v: __m256) {
+            assert!(dst.len() >= 8);
+            // SAFETY: 16 bytes are writable (checked); see the impl comment.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, h)
+            }
+        }
+        #[inline(always)]
+        fn load_bf16(self, src: &[half::bf16]) -> __m256 {
+            assert!(src.len() >= 8);
+            // SAFETY: 16 bytes are readable (checked); see the impl comment.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr() as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline(always)]
+        fn store_bf16(self, dst: &mut [half::bf16], v: __m256) {
+            assert!(dst.len() >= 8);
+            // SAFETY: 16 bytes are writable (checked); see the impl comment.
+            unsafe {
+                let bits = _mm256_castps_si256(v);
+                let hi = _mm256_srli_epi32::<16>(bits);
+                let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+                let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                    bits,
+                    _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)),
+                ));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                let quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+                let r = _mm256_blendv_epi8(rounded, quiet, nan);
+                // values are < 2^16, so unsigned saturation keeps them; packus works per
+                // 128-bit half, so gather qwords 0 and 2 into the low half.
+                let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r));
+                _mm_storeu_si128(
+                    dst.as_mut_ptr() as *mut __m128i,
+                    _mm256_castsi256_si128(packed),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    struct RoundTrip<'a> {
+        src: &'a [f32],
+        f16_out: &'a mut [f16],
+        bf16_out: &'a mut [bf16],
+        back: &'a mut [f32],
+    }
+
+    impl Kernel for RoundTrip<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) {
+            let l = S::LANES;
+            for i in (0..self.src.len()).step_by(l) {
+                let v = s.load_f32(&self.src[i..]);
+                s.store_f16(&mut self.f16_out[i..], v);
+                s.store_bf16(&mut self.bf16_out[i..], v);
+                let w = s.add(s.load(&self.bf16_out[i..]), s.load(&self.f16_out[i..]));
+                s.store(&mut self.back[i..], w);
+            }
+        }
+    }
+
+    /// Every level converts exactly like the `half` crate (round to nearest even, NaN kept).
+    #[test]
+    fn conversions_match_half_on_every_level() {
+        let mut src: Vec<f32> = (0..4096u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) ^ 0x3f00_0000) * 0.37)
+            .collect();
+        src[..8].copy_from_slice(&[
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            65520.0,
+            -0.0,
+            1e-8,
+        ]);
+        for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+            if !level.is_supported() {
+                continue;
+            }
+            let n = src.len();
+            let (mut h, mut b, mut back) = (vec![f16::ZERO; n], vec![bf16::ZERO; n], vec![0f32; n]);
+            dispatch(
+                level,
+                RoundTrip {
+                    src: &src,
+                    f16_out: &mut h,
+                    bf16_out: &mut b,
+                    back: &mut back,
+                },
+            );
+            for i in 0..n {
+                let eh = f16::from_f32(src[i]);
+                let eb = bf16::from_f32(src[i]);
+                if src[i].is_nan() {
+                    assert!(h[i].is_nan() && b[i].is_nan(), "{level} NaN at {i}");
+                    continue;
+                }
+                assert_eq!(h[i].to_bits(), eh.to_bits(), "{level} f16 of {}", src[i]);
+                assert_eq!(b[i].to_bits(), eb.to_bits(), "{level} bf16 of {}", src[i]);
+                let sum = eh.to_f32() + eb.to_f32();
+                assert!(
+                    back[i] == sum || (back[i].is_nan() && sum.is_nan()),
+                    "{level} load at {i}"
+                );
+            }
+        }
+    }
+}
