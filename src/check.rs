@@ -36,12 +36,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 4] = [
-        Op::ForwardTraining,
-        Op::ForwardInference,
-        Op::Backward,
-        Op::BackwardEval,
-    ];
+    pub const ALL: [Op; 4] = [Op::ForwardTraining, Op::ForwardInference, Op::Backward, Op::BackwardEval];
     pub fn name(self) -> &'static str {
         match self {
             Op::ForwardTraining => "forward_train",
@@ -105,11 +100,7 @@ impl CaseSpec {
     }
 
     fn config(&self) -> Config {
-        Config {
-            eps: 1e-5,
-            running_stats: self.running_stats,
-            activation: self.activation,
-        }
+        Config { eps: 1e-5, running_stats: self.running_stats, activation: self.activation }
     }
 
     /// Short description: `forward_train f32 cl 4x3x5x5 add+relu momentum 0.1`.
@@ -138,11 +129,7 @@ impl CaseSpec {
             dims.join("x"),
             fusion,
             if self.affine { "" } else { " no-affine" },
-            if self.op == Op::ForwardTraining {
-                format!(" {conv}")
-            } else {
-                String::new()
-            },
+            if self.op == Op::ForwardTraining { format!(" {conv}") } else { String::new() },
             data
         )
     }
@@ -161,9 +148,7 @@ impl CaseResult {
     }
     /// The output with the largest error relative to its bound.
     pub fn worst(&self) -> Option<&(&'static str, Comparison)> {
-        self.outputs
-            .iter()
-            .max_by(|a, b| a.1.worst_ratio.total_cmp(&b.1.worst_ratio))
+        self.outputs.iter().max_by(|a, b| a.1.worst_ratio.total_cmp(&b.1.worst_ratio))
     }
 }
 
@@ -200,9 +185,7 @@ impl Rng {
 pub fn generate<T: Element>(rng: &mut Rng, shape: &Shape, data: Data) -> Vec<T> {
     let c = shape.c();
     let (mu, sd): (Vec<f64>, Vec<f64>) = match data {
-        Data::Normal => (0..c)
-            .map(|_| (rng.uniform() * 4.0 - 2.0, 0.5 + rng.uniform() * 1.5))
-            .unzip(),
+        Data::Normal => (0..c).map(|_| (rng.uniform() * 4.0 - 2.0, 0.5 + rng.uniform() * 1.5)).unzip(),
         Data::Offset(o) => (vec![o as f64; c], vec![1.0; c]),
     };
     let mut v = vec![T::default(); shape.numel()];
@@ -221,9 +204,7 @@ fn normal_vec(rng: &mut Rng, n: usize, mean: f64, sd: f64) -> Vec<f32> {
 }
 
 fn uniform_vec(rng: &mut Rng, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| (lo + (hi - lo) * rng.uniform()) as f32)
-        .collect()
+    (0..n).map(|_| (lo + (hi - lo) * rng.uniform()) as f32).collect()
 }
 
 // ---------------------------------------------------------------- running a case
@@ -243,14 +224,9 @@ fn run_typed<T: Element>(dev: &Device, spec: &CaseSpec) -> Result<CaseResult> {
     let (numel, c) = (shape.numel(), shape.c());
     let mut rng = Rng::new(spec.seed);
     let x: Vec<T> = generate(&mut rng, &shape, spec.data);
-    let z: Option<Vec<T>> = spec
-        .residual
-        .then(|| generate(&mut rng, &shape, Data::Normal));
+    let z: Option<Vec<T>> = spec.residual.then(|| generate(&mut rng, &shape, Data::Normal));
     let (w, b) = if spec.affine {
-        (
-            Some(normal_vec(&mut rng, c, 1.0, 0.3)),
-            Some(normal_vec(&mut rng, c, 0.0, 0.5)),
-        )
+        (Some(normal_vec(&mut rng, c, 1.0, 0.3)), Some(normal_vec(&mut rng, c, 0.0, 0.5)))
     } else {
         (None, None)
     };
@@ -291,44 +267,22 @@ fn run_typed<T: Element>(dev: &Device, spec: &CaseSpec) -> Result<CaseResult> {
                 },
             )?;
             let ch_of = |i: usize| channel_of(&shape, i);
-            outputs.push((
-                "y",
-                compare_activations(&y, &r.y, |i| r.offset_allowance[ch_of(i)]),
-            ));
+            outputs.push(("y", compare_activations(&y, &r.y, |i| r.offset_allowance[ch_of(i)])));
             let sd: Vec<f64> = r.var.iter().map(|v| v.sqrt()).collect();
             outputs.push(("saved_mean", compare_channels(&sm, &r.mean, Some(&sd))));
             outputs.push(("saved_invstd", compare_channels(&si, &r.invstd, None)));
-            let rm_scale: Vec<f64> = sd
-                .iter()
-                .zip(&rm0)
-                .map(|(s, m)| s + m.abs() as f64)
-                .collect();
-            outputs.push((
-                "running_mean",
-                compare_channels(&rm, &r.running_mean, Some(&rm_scale)),
-            ));
+            let rm_scale: Vec<f64> = sd.iter().zip(&rm0).map(|(s, m)| s + m.abs() as f64).collect();
+            outputs.push(("running_mean", compare_channels(&rm, &r.running_mean, Some(&rm_scale))));
             outputs.push(("running_var", compare_channels(&rv, &r.running_var, None)));
             let count_ok = tracked == tracked0 + 1;
             outputs.push((
                 "num_batches_tracked",
-                Comparison {
-                    count: 1,
-                    worst_ratio: if count_ok { 0.0 } else { f64::INFINITY },
-                    ..Default::default()
-                },
+                Comparison { count: 1, worst_ratio: if count_ok { 0.0 } else { f64::INFINITY }, ..Default::default() },
             ));
         }
         Op::ForwardInference => {
-            let want = reference::forward_inference(
-                &shape,
-                &cfg,
-                &x,
-                z.as_deref(),
-                w.as_deref(),
-                b.as_deref(),
-                &rm0,
-                &rv0,
-            );
+            let want =
+                reference::forward_inference(&shape, &cfg, &x, z.as_deref(), w.as_deref(), b.as_deref(), &rm0, &rv0);
             let mut y = vec![T::default(); numel];
             let a = ForwardInference {
                 x: (&x).into(),
@@ -345,40 +299,18 @@ fn run_typed<T: Element>(dev: &Device, spec: &CaseSpec) -> Result<CaseResult> {
         Op::Backward | Op::BackwardEval => {
             // Backward is checked on its own: its saved statistics and forward output come
             // from the reference forward (rounded to the storage types).
-            let fwd = reference::forward_training(
-                &shape,
-                &cfg,
-                &x,
-                z.as_deref(),
-                w.as_deref(),
-                b.as_deref(),
-                None,
-            );
+            let fwd = reference::forward_training(&shape, &cfg, &x, z.as_deref(), w.as_deref(), b.as_deref(), None);
             let y: Vec<T> = fwd.y.iter().map(|&v| T::from_f64_rounded(v)).collect();
             let saved_mean: Vec<f32> = fwd.mean.iter().map(|&v| v as f32).collect();
             let saved_invstd: Vec<f32> = fwd.invstd.iter().map(|&v| v as f32).collect();
             let dy: Vec<T> = generate(&mut rng, &shape, Data::Normal);
             let relu = spec.activation == Activation::Relu;
             let stats = if spec.op == Op::Backward {
-                StatsRef::Saved {
-                    mean: &saved_mean,
-                    invstd: &saved_invstd,
-                }
+                StatsRef::Saved { mean: &saved_mean, invstd: &saved_invstd }
             } else {
-                StatsRef::Running {
-                    mean: &rm0,
-                    var: &rv0,
-                }
+                StatsRef::Running { mean: &rm0, var: &rv0 }
             };
-            let r = reference::backward(
-                &shape,
-                &cfg,
-                &x,
-                relu.then_some(&y[..]),
-                &dy,
-                w.as_deref(),
-                stats,
-            );
+            let r = reference::backward(&shape, &cfg, &x, relu.then_some(&y[..]), &dy, w.as_deref(), stats);
             let mut dx = vec![T::default(); numel];
             let mut dz = spec.residual.then(|| vec![T::default(); numel]);
             let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
@@ -390,40 +322,26 @@ fn run_typed<T: Element>(dev: &Device, spec: &CaseSpec) -> Result<CaseResult> {
                 dz: dz.as_mut().map(|d| d.into()),
                 weight: w.as_ref().map(|v| v.into()),
                 stats: match stats {
-                    StatsRef::Saved { mean, invstd } => ops::BackwardStats::Saved {
-                        mean: mean.into(),
-                        invstd: invstd.into(),
-                    },
-                    StatsRef::Running { mean, var } => ops::BackwardStats::Running {
-                        mean: mean.into(),
-                        var: var.into(),
-                    },
+                    StatsRef::Saved { mean, invstd } => {
+                        ops::BackwardStats::Saved { mean: mean.into(), invstd: invstd.into() }
+                    }
+                    StatsRef::Running { mean, var } => {
+                        ops::BackwardStats::Running { mean: mean.into(), var: var.into() }
+                    }
                 },
                 dweight: Some((&mut dw).into()),
                 dbias: Some((&mut db).into()),
             };
             exec.backward(&shape, &cfg, a)?;
-            outputs.push((
-                "dx",
-                compare_activations(&dx, &r.dx, |i| r.dx_allowance[channel_of(&shape, i)]),
-            ));
+            outputs.push(("dx", compare_activations(&dx, &r.dx, |i| r.dx_allowance[channel_of(&shape, i)])));
             if let Some(dz) = &dz {
                 outputs.push(("dz", compare_activations(dz, &r.dz, |_| 0.0)));
             }
-            outputs.push((
-                "dweight",
-                compare_channels(&dw, &r.dweight, Some(&r.dweight_scale)),
-            ));
-            outputs.push((
-                "dbias",
-                compare_channels(&db, &r.dbias, Some(&r.dbias_scale)),
-            ));
+            outputs.push(("dweight", compare_channels(&dw, &r.dweight, Some(&r.dweight_scale))));
+            outputs.push(("dbias", compare_channels(&db, &r.dbias, Some(&r.dbias_scale))));
         }
     }
-    Ok(CaseResult {
-        spec: spec.clone(),
-        outputs,
-    })
+    Ok(CaseResult { spec: spec.clone(), outputs })
 }
 
 fn channel_of(shape: &Shape, i: usize) -> usize {
@@ -457,12 +375,7 @@ impl<'d> Exec<'d> {
         Exec { dev }
     }
 
-    fn forward_training<T: Element>(
-        &mut self,
-        shape: &Shape,
-        cfg: &Config,
-        t: TrainingBufs<'_, T>,
-    ) -> Result<()> {
+    fn forward_training<T: Element>(&mut self, shape: &Shape, cfg: &Config, t: TrainingBufs<'_, T>) -> Result<()> {
         #[cfg(all(feature = "cuda", bnorm_kernels))]
         if let Some(g) = self.dev.as_cuda() {
             return crate::cuda::staging::forward_training(
@@ -499,12 +412,7 @@ impl<'d> Exec<'d> {
         ops::forward_training(self.dev, shape, cfg, a)
     }
 
-    fn forward_inference<T: Element>(
-        &mut self,
-        shape: &Shape,
-        cfg: &Config,
-        a: ForwardInference<'_, T>,
-    ) -> Result<()> {
+    fn forward_inference<T: Element>(&mut self, shape: &Shape, cfg: &Config, a: ForwardInference<'_, T>) -> Result<()> {
         #[cfg(all(feature = "cuda", bnorm_kernels))]
         if let Some(g) = self.dev.as_cuda() {
             return crate::cuda::staging::forward_inference(self.dev, g, shape, cfg, a);
@@ -512,12 +420,7 @@ impl<'d> Exec<'d> {
         ops::forward_inference(self.dev, shape, cfg, a)
     }
 
-    fn backward<T: Element>(
-        &mut self,
-        shape: &Shape,
-        cfg: &Config,
-        a: Backward<'_, T>,
-    ) -> Result<()> {
+    fn backward<T: Element>(&mut self, shape: &Shape, cfg: &Config, a: Backward<'_, T>) -> Result<()> {
         #[cfg(all(feature = "cuda", bnorm_kernels))]
         if let Some(g) = self.dev.as_cuda() {
             return crate::cuda::staging::backward(self.dev, g, shape, cfg, a);
@@ -553,11 +456,7 @@ pub fn standard_shapes() -> Vec<Vec<usize>> {
 /// Every op x dtype x layout x fusion (x running-stats convention for the training
 /// forward) over [`standard_shapes`]. Affine is off for every third case.
 pub fn standard_suite() -> Vec<CaseSpec> {
-    let conventions = [
-        RunningStats::Momentum(0.1),
-        RunningStats::CumulativeAverage,
-        RunningStats::Retention(0.9),
-    ];
+    let conventions = [RunningStats::Momentum(0.1), RunningStats::CumulativeAverage, RunningStats::Retention(0.9)];
     let fusions = [
         (false, Activation::Identity),
         (false, Activation::Relu),
@@ -571,11 +470,8 @@ pub fn standard_suite() -> Vec<CaseSpec> {
             for dtype in DType::ALL {
                 for op in Op::ALL {
                     for (residual, activation) in fusions {
-                        let convs: &[RunningStats] = if op == Op::ForwardTraining {
-                            &conventions
-                        } else {
-                            &conventions[..1]
-                        };
+                        let convs: &[RunningStats] =
+                            if op == Op::ForwardTraining { &conventions } else { &conventions[..1] };
                         for &running_stats in convs {
                             seed += 1;
                             out.push(CaseSpec {

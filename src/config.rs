@@ -60,10 +60,7 @@ impl RunningStats {
             RunningStats::CumulativeAverage => return Ok(()),
         };
         if !(0.0..=1.0).contains(&m) {
-            return Err(Error::InvalidMomentum {
-                convention,
-                momentum: m,
-            });
+            return Err(Error::InvalidMomentum { convention, momentum: m });
         }
         Ok(())
     }
@@ -73,9 +70,7 @@ impl fmt::Display for RunningStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RunningStats::Momentum(m) => write!(f, "momentum {m} (PyTorch)"),
-            RunningStats::CumulativeAverage => {
-                f.write_str("cumulative average (PyTorch momentum=None)")
-            }
+            RunningStats::CumulativeAverage => f.write_str("cumulative average (PyTorch momentum=None)"),
             RunningStats::Retention(d) => write!(f, "retention {d} (Keras/ONNX)"),
         }
     }
@@ -121,11 +116,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            eps: 1e-5,
-            running_stats: RunningStats::default(),
-            activation: Activation::Identity,
-        }
+        Config { eps: 1e-5, running_stats: RunningStats::default(), activation: Activation::Identity }
     }
 }
 

@@ -45,18 +45,13 @@ impl std::str::FromStr for DeviceSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<DeviceSpec> {
         let t = s.trim().to_ascii_lowercase();
-        let bad = || Error::InvalidDeviceSpec {
-            value: s.to_string(),
-        };
+        let bad = || Error::InvalidDeviceSpec { value: s.to_string() };
         match t.as_str() {
             "auto" | "" => Ok(DeviceSpec::Auto),
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
             _ => {
-                let n = t
-                    .strip_prefix("cuda:")
-                    .or_else(|| t.strip_prefix("gpu:"))
-                    .ok_or_else(bad)?;
+                let n = t.strip_prefix("cuda:").or_else(|| t.strip_prefix("gpu:")).ok_or_else(bad)?;
                 n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| bad())
             }
         }
@@ -71,10 +66,7 @@ impl Device {
 
     /// A configured CPU backend (thread count, SIMD level).
     pub fn from_cpu(cpu: CpuDevice, reason: impl Into<String>) -> Device {
-        Device {
-            backend: Backend::Cpu(cpu),
-            reason: reason.into(),
-        }
+        Device { backend: Backend::Cpu(cpu), reason: reason.into() }
     }
 
     /// CUDA device `ordinal`. Errors (never panics) when there is no driver, no such
@@ -83,10 +75,7 @@ impl Device {
         #[cfg(feature = "cuda")]
         {
             let dev = crate::cuda::CudaDevice::new(ordinal)?;
-            Ok(Device {
-                backend: Backend::Cuda(dev),
-                reason: format!("asked for cuda:{ordinal}"),
-            })
+            Ok(Device { backend: Backend::Cuda(dev), reason: format!("asked for cuda:{ordinal}") })
         }
         #[cfg(not(feature = "cuda"))]
         Err(Error::DeviceUnavailable {
@@ -127,14 +116,9 @@ impl Device {
         {
             match crate::cuda::CudaDevice::new(0) {
                 Ok(dev) => {
-                    return Device {
-                        reason: format!("auto: found {}", dev.describe()),
-                        backend: Backend::Cuda(dev),
-                    }
+                    return Device { reason: format!("auto: found {}", dev.describe()), backend: Backend::Cuda(dev) }
                 }
-                Err(e) => {
-                    return Device::from_cpu(CpuDevice::new(), format!("auto: no usable GPU ({e})"))
-                }
+                Err(e) => return Device::from_cpu(CpuDevice::new(), format!("auto: no usable GPU ({e})")),
             }
         }
         #[allow(unreachable_code)]
@@ -214,13 +198,7 @@ mod tests {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
-        assert!(matches!(
-            "tpu".parse::<DeviceSpec>(),
-            Err(Error::InvalidDeviceSpec { .. })
-        ));
-        assert!(matches!(
-            "cuda:x".parse::<DeviceSpec>(),
-            Err(Error::InvalidDeviceSpec { .. })
-        ));
+        assert!(matches!("tpu".parse::<DeviceSpec>(), Err(Error::InvalidDeviceSpec { .. })));
+        assert!(matches!("cuda:x".parse::<DeviceSpec>(), Err(Error::InvalidDeviceSpec { .. })));
     }
 }

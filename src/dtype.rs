@@ -69,9 +69,7 @@ mod sealed {
 /// assert_eq!(<half::bf16 as Element>::DTYPE, DType::BF16);
 /// assert_eq!(half::f16::from_f32_rounded(1.5).to_f32(), 1.5);
 /// ```
-pub trait Element:
-    sealed::Sealed + Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static
-{
+pub trait Element: sealed::Sealed + Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static {
     /// This type as a value.
     const DTYPE: DType;
     /// Widen to f32 (exact for every element type).
@@ -108,11 +106,7 @@ fn f64_to_f32_round_odd(v: f64) -> f32 {
 /// fraction bits and minimum normal exponent `min_exp`.
 fn ulp_of(v: f64, mantissa_bits: i32, min_exp: i32) -> f64 {
     let a = v.abs();
-    let e = if a == 0.0 || !a.is_finite() {
-        min_exp
-    } else {
-        (a.log2().floor() as i32).max(min_exp)
-    };
+    let e = if a == 0.0 || !a.is_finite() { min_exp } else { (a.log2().floor() as i32).max(min_exp) };
     (2f64).powi(e - mantissa_bits)
 }
 
@@ -196,27 +190,12 @@ mod tests {
         // 1 + 2^-11 + 2^-40 is just above a tie in f16. Through f32 the 2^-40 is lost, the tie
         // goes to even and the result is 1.0; a single rounding gives 1 + 2^-10.
         let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
-        assert_eq!(
-            <f16 as Element>::from_f64_rounded(v).to_f64(),
-            1.0 + 2f64.powi(-10)
-        );
-        assert_eq!(
-            <f16 as Element>::from_f64_rounded(-v).to_f64(),
-            -(1.0 + 2f64.powi(-10))
-        );
+        assert_eq!(<f16 as Element>::from_f64_rounded(v).to_f64(), 1.0 + 2f64.powi(-10));
+        assert_eq!(<f16 as Element>::from_f64_rounded(-v).to_f64(), -(1.0 + 2f64.powi(-10)));
         let w = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
-        assert_eq!(
-            <bf16 as Element>::from_f64_rounded(w).to_f64(),
-            1.0 + 2f64.powi(-7)
-        );
+        assert_eq!(<bf16 as Element>::from_f64_rounded(w).to_f64(), 1.0 + 2f64.powi(-7));
         // exact ties still go to even, and below-tie values round down
-        assert_eq!(
-            <f16 as Element>::from_f64_rounded(1.0 + 2f64.powi(-11)).to_f64(),
-            1.0
-        );
-        assert_eq!(
-            <f16 as Element>::from_f64_rounded(1.0 + 2f64.powi(-11) - 2f64.powi(-40)).to_f64(),
-            1.0
-        );
+        assert_eq!(<f16 as Element>::from_f64_rounded(1.0 + 2f64.powi(-11)).to_f64(), 1.0);
+        assert_eq!(<f16 as Element>::from_f64_rounded(1.0 + 2f64.powi(-11) - 2f64.powi(-40)).to_f64(), 1.0);
     }
 }

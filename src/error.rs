@@ -32,11 +32,7 @@ pub enum Error {
 
     /// A buffer's length does not match what the shape asks for.
     #[error("argument `{arg}`: expected {expected} elements, got {actual}")]
-    LengthMismatch {
-        arg: &'static str,
-        expected: usize,
-        actual: usize,
-    },
+    LengthMismatch { arg: &'static str, expected: usize, actual: usize },
 
     /// `eps` must be finite and > 0.
     #[error("eps must be finite and > 0, got {eps}")]
@@ -44,48 +40,27 @@ pub enum Error {
 
     /// A momentum / decay value outside [0, 1] or not finite.
     #[error("{convention} momentum must be in [0, 1], got {momentum}")]
-    InvalidMomentum {
-        convention: &'static str,
-        momentum: f32,
-    },
+    InvalidMomentum { convention: &'static str, momentum: f32 },
 
     /// A running statistic (or a saved statistic) that is NaN or infinite.
     #[error("argument `{arg}`: value {value} at channel {channel} is not finite")]
-    NonFiniteStatistic {
-        arg: &'static str,
-        channel: usize,
-        value: f32,
-    },
+    NonFiniteStatistic { arg: &'static str, channel: usize, value: f32 },
 
     /// A running variance that is negative (it would make `sqrt(var + eps)` NaN).
     #[error("argument `{arg}`: variance {value} at channel {channel} is negative")]
-    NegativeVariance {
-        arg: &'static str,
-        channel: usize,
-        value: f32,
-    },
+    NegativeVariance { arg: &'static str, channel: usize, value: f32 },
 
     /// An argument that the chosen options require was not given.
     #[error("argument `{arg}` is required: {reason}")]
-    MissingArgument {
-        arg: &'static str,
-        reason: &'static str,
-    },
+    MissingArgument { arg: &'static str, reason: &'static str },
 
     /// An argument was given that the chosen options do not use (so it would stay unwritten).
     #[error("argument `{arg}` was given but is not used: {reason}")]
-    UnexpectedArgument {
-        arg: &'static str,
-        reason: &'static str,
-    },
+    UnexpectedArgument { arg: &'static str, reason: &'static str },
 
     /// A buffer lives on another device than the one running the op.
     #[error("argument `{arg}` is on {found}, but the op runs on {expected}")]
-    WrongDevice {
-        arg: &'static str,
-        expected: String,
-        found: String,
-    },
+    WrongDevice { arg: &'static str, expected: String, found: String },
 
     /// Two buffers overlap where the op needs them to be distinct.
     #[error("arguments `{a}` and `{b}` overlap in memory; they must be distinct buffers")]
@@ -109,11 +84,7 @@ pub enum Error {
 
     /// A state-dict entry of the wrong kind or length.
     #[error("state dict: key `{key}`: expected {expected}, got {actual}")]
-    StateMismatch {
-        key: String,
-        expected: String,
-        actual: String,
-    },
+    StateMismatch { key: String, expected: String, actual: String },
 
     /// `BNORM_DEVICE` or a device string that cannot be parsed.
     #[error("invalid device `{value}`: expected `cpu`, `cuda` or `cuda:N` (N a device index)")]
@@ -125,17 +96,11 @@ pub enum Error {
 
     /// A SIMD level was forced that this CPU does not support.
     #[error("SIMD level {requested} is not supported by this CPU (best available: {available})")]
-    SimdUnsupported {
-        requested: String,
-        available: String,
-    },
+    SimdUnsupported { requested: String, available: String },
 
     /// The CUDA driver reported an error.
     #[error("CUDA error in {context}: {message}")]
-    Cuda {
-        context: &'static str,
-        message: String,
-    },
+    Cuda { context: &'static str, message: String },
 }
 
 /// Shorthand for `Result<T, bnorm::Error>`.

@@ -223,10 +223,7 @@ impl BatchNorm {
 
     fn check_shape(&self, shape: &Shape) -> Result<()> {
         if shape.c() != self.num_features {
-            return Err(Error::NumFeaturesMismatch {
-                expected: self.num_features,
-                actual: shape.c(),
-            });
+            return Err(Error::NumFeaturesMismatch { expected: self.num_features, actual: shape.c() });
         }
         Ok(())
     }
@@ -261,11 +258,7 @@ impl BatchNorm {
     ) -> Result<()> {
         self.check_shape(shape)?;
         let c = self.num_features;
-        let (w, b) = if self.affine {
-            (Some((&self.weight).into()), Some((&self.bias).into()))
-        } else {
-            (None, None)
-        };
+        let (w, b) = if self.affine { (Some((&self.weight).into()), Some((&self.bias).into())) } else { (None, None) };
         if self.training || !self.track_running_stats {
             let mut mean = vec![0f32; c];
             let mut invstd = vec![0f32; c];
@@ -289,11 +282,7 @@ impl BatchNorm {
                 saved_invstd: Some((&mut invstd).into()),
             };
             ops::forward_training(&self.device, shape, &self.config, args)?;
-            self.saved = Some(Saved {
-                shape: shape.clone(),
-                mean,
-                invstd,
-            });
+            self.saved = Some(Saved { shape: shape.clone(), mean, invstd });
         } else {
             let args = ForwardInference {
                 x,
@@ -330,19 +319,11 @@ impl BatchNorm {
                 reason: "no forward has run in training mode (or without running statistics)",
             })?;
             if &saved.shape != shape {
-                return Err(Error::NoSavedStatistics {
-                    reason: "the last forward ran on another shape",
-                });
+                return Err(Error::NoSavedStatistics { reason: "the last forward ran on another shape" });
             }
-            BackwardStats::Saved {
-                mean: (&saved.mean).into(),
-                invstd: (&saved.invstd).into(),
-            }
+            BackwardStats::Saved { mean: (&saved.mean).into(), invstd: (&saved.invstd).into() }
         } else {
-            BackwardStats::Running {
-                mean: (&self.running_mean).into(),
-                var: (&self.running_var).into(),
-            }
+            BackwardStats::Running { mean: (&self.running_mean).into(), var: (&self.running_var).into() }
         };
         let mut dw = vec![0f32; c];
         let mut db = vec![0f32; c];
@@ -352,33 +333,15 @@ impl BatchNorm {
             dy: dy.into(),
             dx: dx.into(),
             dz,
-            weight: if self.affine {
-                Some((&self.weight).into())
-            } else {
-                None
-            },
+            weight: if self.affine { Some((&self.weight).into()) } else { None },
             stats,
-            dweight: if self.affine {
-                Some((&mut dw).into())
-            } else {
-                None
-            },
-            dbias: if self.affine {
-                Some((&mut db).into())
-            } else {
-                None
-            },
+            dweight: if self.affine { Some((&mut dw).into()) } else { None },
+            dbias: if self.affine { Some((&mut db).into()) } else { None },
         };
         ops::backward(&self.device, shape, &self.config, args)?;
         if self.affine {
-            self.grad_weight
-                .iter_mut()
-                .zip(&dw)
-                .for_each(|(g, d)| *g += d);
-            self.grad_bias
-                .iter_mut()
-                .zip(&db)
-                .for_each(|(g, d)| *g += d);
+            self.grad_weight.iter_mut().zip(&dw).for_each(|(g, d)| *g += d);
+            self.grad_bias.iter_mut().zip(&db).for_each(|(g, d)| *g += d);
         }
         Ok(())
     }
@@ -398,18 +361,9 @@ impl BatchNorm {
             sd.insert(key("bias"), StateValue::Tensor(self.bias.clone()));
         }
         if self.track_running_stats {
-            sd.insert(
-                key("running_mean"),
-                StateValue::Tensor(self.running_mean.clone()),
-            );
-            sd.insert(
-                key("running_var"),
-                StateValue::Tensor(self.running_var.clone()),
-            );
-            sd.insert(
-                key("num_batches_tracked"),
-                StateValue::Count(self.num_batches_tracked as i64),
-            );
+            sd.insert(key("running_mean"), StateValue::Tensor(self.running_mean.clone()));
+            sd.insert(key("running_var"), StateValue::Tensor(self.running_var.clone()));
+            sd.insert(key("num_batches_tracked"), StateValue::Count(self.num_batches_tracked as i64));
         }
         sd
     }
@@ -433,14 +387,8 @@ impl BatchNorm {
             match sd.get(&key) {
                 None => Err(Error::MissingStateKey { key }),
                 Some(StateValue::Tensor(v)) if v.len() == c => {
-                    if let Some((channel, &value)) =
-                        v.iter().enumerate().find(|(_, x)| !x.is_finite())
-                    {
-                        return Err(Error::NonFiniteStatistic {
-                            arg: "state dict tensor",
-                            channel,
-                            value,
-                        });
+                    if let Some((channel, &value)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                        return Err(Error::NonFiniteStatistic { arg: "state dict tensor", channel, value });
                     }
                     Ok(Some(v.clone()))
                 }
@@ -456,22 +404,12 @@ impl BatchNorm {
                 }),
             }
         };
-        let (w, b) = if self.affine {
-            (tensor("weight")?, tensor("bias")?)
-        } else {
-            (None, None)
-        };
+        let (w, b) = if self.affine { (tensor("weight")?, tensor("bias")?) } else { (None, None) };
         let (rm, rv, nbt) = if self.track_running_stats {
             let rm = tensor("running_mean")?;
             let rv = tensor("running_var")?;
-            if let Some((channel, &value)) =
-                rv.iter().flatten().enumerate().find(|(_, v)| **v < 0.0)
-            {
-                return Err(Error::NegativeVariance {
-                    arg: "running_var",
-                    channel,
-                    value,
-                });
+            if let Some((channel, &value)) = rv.iter().flatten().enumerate().find(|(_, v)| **v < 0.0) {
+                return Err(Error::NegativeVariance { arg: "running_var", channel, value });
             }
             let key = format!("{prefix}num_batches_tracked");
             let nbt = match sd.get(&key) {

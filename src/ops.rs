@@ -75,11 +75,7 @@ impl<'a, T> ForwardTraining<'a, T> {
         }
     }
     /// Per-channel scale `w` and shift `b` (f32, C each).
-    pub fn affine(
-        mut self,
-        weight: impl Into<Buf<'a, f32>>,
-        bias: impl Into<Buf<'a, f32>>,
-    ) -> Self {
+    pub fn affine(mut self, weight: impl Into<Buf<'a, f32>>, bias: impl Into<Buf<'a, f32>>) -> Self {
         self.weight = Some(weight.into());
         self.bias = Some(bias.into());
         self
@@ -96,19 +92,11 @@ impl<'a, T> ForwardTraining<'a, T> {
         var: impl Into<BufMut<'a, f32>>,
         num_batches_tracked: &'a mut u64,
     ) -> Self {
-        self.running = Some(RunningStatsMut {
-            mean: mean.into(),
-            var: var.into(),
-            num_batches_tracked,
-        });
+        self.running = Some(RunningStatsMut { mean: mean.into(), var: var.into(), num_batches_tracked });
         self
     }
     /// Where to save the batch mean and `1 / sqrt(var + eps)` for [`backward`].
-    pub fn saved(
-        mut self,
-        mean: impl Into<BufMut<'a, f32>>,
-        invstd: impl Into<BufMut<'a, f32>>,
-    ) -> Self {
+    pub fn saved(mut self, mean: impl Into<BufMut<'a, f32>>, invstd: impl Into<BufMut<'a, f32>>) -> Self {
         self.saved_mean = Some(mean.into());
         self.saved_invstd = Some(invstd.into());
         self
@@ -143,11 +131,7 @@ impl<'a, T> ForwardInference<'a, T> {
             running_var: running_var.into(),
         }
     }
-    pub fn affine(
-        mut self,
-        weight: impl Into<Buf<'a, f32>>,
-        bias: impl Into<Buf<'a, f32>>,
-    ) -> Self {
+    pub fn affine(mut self, weight: impl Into<Buf<'a, f32>>, bias: impl Into<Buf<'a, f32>>) -> Self {
         self.weight = Some(weight.into());
         self.bias = Some(bias.into());
         self
@@ -161,16 +145,10 @@ impl<'a, T> ForwardInference<'a, T> {
 /// The statistics the forward pass normalized with, as the backward pass needs them.
 pub enum BackwardStats<'a> {
     /// Training mode: the batch mean and invstd saved by [`forward_training`].
-    Saved {
-        mean: Buf<'a, f32>,
-        invstd: Buf<'a, f32>,
-    },
+    Saved { mean: Buf<'a, f32>, invstd: Buf<'a, f32> },
     /// Eval mode (frozen statistics): running mean and variance; invstd is
     /// `1 / sqrt(var + eps)` with the config's eps.
-    Running {
-        mean: Buf<'a, f32>,
-        var: Buf<'a, f32>,
-    },
+    Running { mean: Buf<'a, f32>, var: Buf<'a, f32> },
 }
 
 /// Arguments of [`backward`].
@@ -200,15 +178,7 @@ impl<'a, T> Backward<'a, T> {
         saved_mean: impl Into<Buf<'a, f32>>,
         saved_invstd: impl Into<Buf<'a, f32>>,
     ) -> Self {
-        Backward::new(
-            x,
-            dy,
-            dx,
-            BackwardStats::Saved {
-                mean: saved_mean.into(),
-                invstd: saved_invstd.into(),
-            },
-        )
+        Backward::new(x, dy, dx, BackwardStats::Saved { mean: saved_mean.into(), invstd: saved_invstd.into() })
     }
 
     /// Backward in eval mode, from the frozen running statistics.
@@ -219,15 +189,7 @@ impl<'a, T> Backward<'a, T> {
         running_mean: impl Into<Buf<'a, f32>>,
         running_var: impl Into<Buf<'a, f32>>,
     ) -> Self {
-        Backward::new(
-            x,
-            dy,
-            dx,
-            BackwardStats::Running {
-                mean: running_mean.into(),
-                var: running_var.into(),
-            },
-        )
+        Backward::new(x, dy, dx, BackwardStats::Running { mean: running_mean.into(), var: running_var.into() })
     }
 
     fn new(
@@ -263,11 +225,7 @@ impl<'a, T> Backward<'a, T> {
         self
     }
     /// Where to write the gradients of the weight and bias.
-    pub fn param_grads(
-        mut self,
-        dweight: impl Into<BufMut<'a, f32>>,
-        dbias: impl Into<BufMut<'a, f32>>,
-    ) -> Self {
+    pub fn param_grads(mut self, dweight: impl Into<BufMut<'a, f32>>, dbias: impl Into<BufMut<'a, f32>>) -> Self {
         self.dweight = Some(dweight.into());
         self.dbias = Some(dbias.into());
         self
@@ -287,10 +245,7 @@ pub fn forward_training<T: Element>(
 ) -> Result<()> {
     cfg.validate()?;
     if shape.m() < 2 {
-        return Err(Error::SingleValuePerChannel {
-            dims: shape.dims().to_vec(),
-            m: shape.m(),
-        });
+        return Err(Error::SingleValuePerChannel { dims: shape.dims().to_vec(), m: shape.m() });
     }
     let (numel, c, at) = (shape.numel(), shape.c(), dev.location());
     validate::input("x", &a.x, numel, at)?;
@@ -346,12 +301,7 @@ pub fn forward_inference<T: Element>(
 ///
 /// Errors (nothing written): any length or device mismatch, `y` missing with a fused
 /// ReLU or given without one, non-finite statistics or a negative running variance.
-pub fn backward<T: Element>(
-    dev: &Device,
-    shape: &Shape,
-    cfg: &Config,
-    a: Backward<'_, T>,
-) -> Result<()> {
+pub fn backward<T: Element>(dev: &Device, shape: &Shape, cfg: &Config, a: Backward<'_, T>) -> Result<()> {
     cfg.validate()?;
     let (numel, c, at) = (shape.numel(), shape.c(), dev.location());
     validate::input("x", &a.x, numel, at)?;
@@ -362,11 +312,12 @@ pub fn backward<T: Element>(
                 reason: "the config fuses a ReLU, whose gradient gate is y > 0",
             })
         }
-        (Activation::Identity, Some(_)) => return Err(Error::UnexpectedArgument {
-            arg: "y",
-            reason:
-                "the config's activation is identity; set Activation::Relu if the forward fused one",
-        }),
+        (Activation::Identity, Some(_)) => {
+            return Err(Error::UnexpectedArgument {
+                arg: "y",
+                reason: "the config's activation is identity; set Activation::Relu if the forward fused one",
+            })
+        }
         _ => {}
     }
     validate::opt_input("y", a.y.as_ref(), numel, at)?;
@@ -414,15 +365,8 @@ pub(crate) fn running_update(
     batch_var_biased: f64,
 ) -> (f32, f32) {
     let f = conv.batch_weight(tracked_before) as f64;
-    let var = if conv.unbiased_variance() {
-        batch_var_biased * m as f64 / (m as f64 - 1.0)
-    } else {
-        batch_var_biased
-    };
-    (
-        ((1.0 - f) * old.0 as f64 + f * batch_mean) as f32,
-        ((1.0 - f) * old.1 as f64 + f * var) as f32,
-    )
+    let var = if conv.unbiased_variance() { batch_var_biased * m as f64 / (m as f64 - 1.0) } else { batch_var_biased };
+    (((1.0 - f) * old.0 as f64 + f * batch_mean) as f32, ((1.0 - f) * old.1 as f64 + f * var) as f32)
 }
 
 /// The host slice of a validated buffer.
@@ -430,11 +374,9 @@ fn host<'a, T>(arg: &'static str, b: Buf<'a, T>) -> Result<&'a [T]> {
     match b {
         Buf::Host(s) => Ok(s),
         #[allow(unreachable_patterns)]
-        other => Err(Error::WrongDevice {
-            arg,
-            expected: Location::Host.to_string(),
-            found: other.location().to_string(),
-        }),
+        other => {
+            Err(Error::WrongDevice { arg, expected: Location::Host.to_string(), found: other.location().to_string() })
+        }
     }
 }
 
@@ -468,11 +410,7 @@ fn cpu_forward_training<T: Element>(
     let w = opt_host("weight", a.weight)?;
     let b = opt_host("bias", a.bias)?;
     let running = match a.running {
-        Some(r) => Some((
-            host_mut("running_mean", r.mean)?,
-            host_mut("running_var", r.var)?,
-            r.num_batches_tracked,
-        )),
+        Some(r) => Some((host_mut("running_mean", r.mean)?, host_mut("running_var", r.var)?, r.num_batches_tracked)),
         None => None,
     };
     let saved_mean = opt_host_mut("saved_mean", a.saved_mean)?;
@@ -492,14 +430,7 @@ fn cpu_forward_training<T: Element>(
         shift[ch] = b.map_or(0.0, |b| b[ch]);
     }
     let relu = cfg.activation == Activation::Relu;
-    cpu::normalize(
-        dev,
-        shape,
-        cpu::Forward { x, z, y, relu },
-        &mean,
-        &scale,
-        &shift,
-    );
+    cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, &mean, &scale, &shift);
     if let Some((rm, rv, tracked)) = running {
         update_running(cfg.running_stats, shape.m(), &moments, rm, rv, tracked);
     }
@@ -522,14 +453,7 @@ pub(crate) fn update_running(
     tracked: &mut u64,
 ) {
     for (ch, mo) in moments.iter().enumerate() {
-        (rm[ch], rv[ch]) = running_update(
-            conv,
-            *tracked,
-            m,
-            (rm[ch], rv[ch]),
-            mo.mean,
-            mo.var_biased(),
-        );
+        (rm[ch], rv[ch]) = running_update(conv, *tracked, m, (rm[ch], rv[ch]), mo.mean, mo.var_biased());
     }
     *tracked += 1;
 }
@@ -548,28 +472,15 @@ fn cpu_forward_inference<T: Element>(
     let rm = host("running_mean", a.running_mean)?;
     let rv = host("running_var", a.running_var)?;
     let c = shape.c();
-    let scale: Vec<f32> = (0..c)
-        .map(|ch| (w.map_or(1.0, |w| w[ch] as f64) * invstd(rv[ch] as f64, cfg.eps)) as f32)
-        .collect();
+    let scale: Vec<f32> =
+        (0..c).map(|ch| (w.map_or(1.0, |w| w[ch] as f64) * invstd(rv[ch] as f64, cfg.eps)) as f32).collect();
     let shift: Vec<f32> = (0..c).map(|ch| b.map_or(0.0, |b| b[ch])).collect();
     let relu = cfg.activation == Activation::Relu;
-    cpu::normalize(
-        dev,
-        shape,
-        cpu::Forward { x, z, y, relu },
-        rm,
-        &scale,
-        &shift,
-    );
+    cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, rm, &scale, &shift);
     Ok(())
 }
 
-fn cpu_backward<T: Element>(
-    dev: &cpu::CpuDevice,
-    shape: &Shape,
-    cfg: &Config,
-    a: Backward<'_, T>,
-) -> Result<()> {
+fn cpu_backward<T: Element>(dev: &cpu::CpuDevice, shape: &Shape, cfg: &Config, a: Backward<'_, T>) -> Result<()> {
     let x = host("x", a.x)?;
     let y = opt_host("y", a.y)?;
     let dy = host("dy", a.dy)?;
@@ -588,21 +499,11 @@ fn cpu_backward<T: Element>(
         BackwardStats::Running { mean, var } => {
             let mean = host("running_mean", mean)?;
             let var = host("running_var", var)?;
-            (
-                mean.to_vec(),
-                var.iter()
-                    .map(|&v| invstd(v as f64, cfg.eps) as f32 as f64)
-                    .collect(),
-                false,
-            )
+            (mean.to_vec(), var.iter().map(|&v| invstd(v as f64, cfg.eps) as f32 as f64).collect(), false)
         }
     };
     let need_sums = training || dweight.is_some() || dbias.is_some();
-    let sums = if need_sums {
-        cpu::grad_sums(dev, shape, dy, x, y, &mean)
-    } else {
-        Vec::new()
-    };
+    let sums = if need_sums { cpu::grad_sums(dev, shape, dy, x, y, &mean) } else { Vec::new() };
     let m = shape.m() as f64;
     let maps: Vec<GradMap> = (0..c)
         .map(|ch| {
@@ -616,25 +517,16 @@ fn cpu_backward<T: Element>(
                     k: (-inv[ch] * inv[ch] * s.gx / m) as f32,
                 }
             } else {
-                GradMap {
-                    mean: mean[ch],
-                    a: wi as f32,
-                    gmean: 0.0,
-                    k: 0.0,
-                }
+                GradMap { mean: mean[ch], a: wi as f32, gmean: 0.0, k: 0.0 }
             }
         })
         .collect();
     cpu::grad_input(dev, shape, cpu::Backward { x, y, dy, dx, dz }, &maps);
     if let Some(d) = dweight {
-        d.iter_mut()
-            .enumerate()
-            .for_each(|(ch, v)| *v = (sums[ch].gx * inv[ch]) as f32);
+        d.iter_mut().enumerate().for_each(|(ch, v)| *v = (sums[ch].gx * inv[ch]) as f32);
     }
     if let Some(d) = dbias {
-        d.iter_mut()
-            .enumerate()
-            .for_each(|(ch, v)| *v = sums[ch].g as f32);
+        d.iter_mut().enumerate().for_each(|(ch, v)| *v = sums[ch].g as f32);
     }
     Ok(())
 }

@@ -84,22 +84,14 @@ pub fn forward_training<T: Element>(
     let m = shape.m() as f64;
     let vals = channel_values(shape, x);
     let mean: Vec<f64> = vals.iter().map(|v| v.iter().sum::<f64>() / m).collect();
-    let var: Vec<f64> = vals
-        .iter()
-        .zip(&mean)
-        .map(|(v, mu)| v.iter().map(|a| (a - mu) * (a - mu)).sum::<f64>() / m)
-        .collect();
-    let invstd: Vec<f64> = var
-        .iter()
-        .map(|v| 1.0 / (v + cfg.eps as f64).sqrt())
-        .collect();
+    let var: Vec<f64> =
+        vals.iter().zip(&mean).map(|(v, mu)| v.iter().map(|a| (a - mu) * (a - mu)).sum::<f64>() / m).collect();
+    let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + cfg.eps as f64).sqrt()).collect();
     let w = |ch: usize| weight.map_or(1.0, |w| w[ch] as f64);
     let b = |ch: usize| bias.map_or(0.0, |b| b[ch] as f64);
     let mut y = vec![0.0; shape.numel()];
     each(shape, |ch, i| {
-        let v = (x[i].to_f64() - mean[ch]) * invstd[ch] * w(ch)
-            + b(ch)
-            + z.map_or(0.0, |z| z[i].to_f64());
+        let v = (x[i].to_f64() - mean[ch]) * invstd[ch] * w(ch) + b(ch) + z.map_or(0.0, |z| z[i].to_f64());
         y[i] = act(cfg.activation, v);
     });
     let (rm0, rv0, tracked) = match running {
@@ -108,16 +100,10 @@ pub fn forward_training<T: Element>(
     };
     let factor = cfg.running_stats.batch_weight(tracked) as f64;
     let unbiased = cfg.running_stats.unbiased_variance();
-    let running_mean = (0..c)
-        .map(|ch| (1.0 - factor) * rm0[ch] as f64 + factor * mean[ch])
-        .collect();
+    let running_mean = (0..c).map(|ch| (1.0 - factor) * rm0[ch] as f64 + factor * mean[ch]).collect();
     let running_var = (0..c)
         .map(|ch| {
-            let bv = if unbiased {
-                var[ch] * m / (m - 1.0)
-            } else {
-                var[ch]
-            };
+            let bv = if unbiased { var[ch] * m / (m - 1.0) } else { var[ch] };
             (1.0 - factor) * rv0[ch] as f64 + factor * bv
         })
         .collect();
@@ -131,18 +117,11 @@ pub fn forward_training<T: Element>(
             }
         })
         .collect();
-    ForwardRef {
-        y,
-        mean,
-        var,
-        invstd,
-        running_mean,
-        running_var,
-        offset_allowance,
-    }
+    ForwardRef { y, mean, var, invstd, running_mean, running_var, offset_allowance }
 }
 
 /// Inference forward in f64.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_inference<T: Element>(
     shape: &Shape,
     cfg: &Config,
@@ -156,10 +135,9 @@ pub fn forward_inference<T: Element>(
     let mut y = vec![0.0; shape.numel()];
     each(shape, |ch, i| {
         let inv = 1.0 / (running_var[ch] as f64 + cfg.eps as f64).sqrt();
-        let v =
-            (x[i].to_f64() - running_mean[ch] as f64) * inv * weight.map_or(1.0, |w| w[ch] as f64)
-                + bias.map_or(0.0, |b| b[ch] as f64)
-                + z.map_or(0.0, |z| z[i].to_f64());
+        let v = (x[i].to_f64() - running_mean[ch] as f64) * inv * weight.map_or(1.0, |w| w[ch] as f64)
+            + bias.map_or(0.0, |b| b[ch] as f64)
+            + z.map_or(0.0, |z| z[i].to_f64());
         y[i] = act(cfg.activation, v);
     });
     y
@@ -206,16 +184,12 @@ pub fn backward<T: Element>(
     let c = shape.c();
     let m = shape.m() as f64;
     let (mean, invstd, training): (Vec<f64>, Vec<f64>, bool) = match stats {
-        StatsRef::Saved { mean, invstd } => (
-            mean.iter().map(|&v| v as f64).collect(),
-            invstd.iter().map(|&v| v as f64).collect(),
-            true,
-        ),
+        StatsRef::Saved { mean, invstd } => {
+            (mean.iter().map(|&v| v as f64).collect(), invstd.iter().map(|&v| v as f64).collect(), true)
+        }
         StatsRef::Running { mean, var } => (
             mean.iter().map(|&v| v as f64).collect(),
-            var.iter()
-                .map(|&v| 1.0 / (v as f64 + cfg.eps as f64).sqrt())
-                .collect(),
+            var.iter().map(|&v| 1.0 / (v as f64 + cfg.eps as f64).sqrt()).collect(),
             false,
         ),
     };
@@ -331,11 +305,7 @@ impl Comparison {
 /// Compare activations of type `T` with f64 reference values under the contract:
 /// f32: `1e-5 * |want| + 1e-6`; f16/bf16: 2 ulps of the correctly rounded reference
 /// `+ 1e-6`. `extra(i)` adds an allowance per element (the offset-data term).
-pub fn compare_activations<T: Element>(
-    got: &[T],
-    want: &[f64],
-    extra: impl Fn(usize) -> f64,
-) -> Comparison {
+pub fn compare_activations<T: Element>(got: &[T], want: &[f64], extra: impl Fn(usize) -> f64) -> Comparison {
     assert_eq!(got.len(), want.len(), "compare_activations: lengths differ");
     let mut cmp = Comparison::default();
     for (i, (g, &w)) in got.iter().zip(want).enumerate() {
@@ -395,10 +365,7 @@ mod tests {
             None,
             &dy,
             Some(&[2.0, 1.0]),
-            StatsRef::Running {
-                mean: &[0.0, 0.0],
-                var: &[3.0, 0.0],
-            },
+            StatsRef::Running { mean: &[0.0, 0.0], var: &[3.0, 0.0] },
         );
         assert_eq!(r.dx, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(r.dbias, vec![4.0, 6.0]);

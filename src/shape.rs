@@ -39,12 +39,8 @@ impl std::str::FromStr for Layout {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
-            "cf" | "channels-first" | "channels_first" | "nchw" | "ncl" | "ncdhw" | "nc" => {
-                Ok(Layout::ChannelsFirst)
-            }
-            "cl" | "channels-last" | "channels_last" | "nhwc" | "nlc" | "ndhwc" => {
-                Ok(Layout::ChannelsLast)
-            }
+            "cf" | "channels-first" | "channels_first" | "nchw" | "ncl" | "ncdhw" | "nc" => Ok(Layout::ChannelsFirst),
+            "cl" | "channels-last" | "channels_last" | "nhwc" | "nlc" | "ndhwc" => Ok(Layout::ChannelsLast),
             _ => Err(format!("unknown layout `{s}` (expected cf or cl)")),
         }
     }
@@ -73,44 +69,24 @@ impl Shape {
     /// Dims in memory order for `layout`: `(N, C, *spatial)` or `(N, *spatial, C)`.
     pub fn new(dims: &[usize], layout: Layout) -> Result<Shape> {
         if !(2..=5).contains(&dims.len()) {
-            return Err(Error::InvalidRank {
-                dims: dims.to_vec(),
-            });
+            return Err(Error::InvalidRank { dims: dims.to_vec() });
         }
         let (n, c, sp): (usize, usize, &[usize]) = match layout {
             Layout::ChannelsFirst => (dims[0], dims[1], &dims[2..]),
             Layout::ChannelsLast => (dims[0], dims[dims.len() - 1], &dims[1..dims.len() - 1]),
         };
         if c == 0 {
-            return Err(Error::ZeroChannels {
-                dims: dims.to_vec(),
-            });
+            return Err(Error::ZeroChannels { dims: dims.to_vec() });
         }
-        let overflow = || Error::ShapeOverflow {
-            dims: dims.to_vec(),
-        };
-        let spatial = sp
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(overflow)?;
-        let numel = n
-            .checked_mul(spatial)
-            .and_then(|m| m.checked_mul(c))
-            .ok_or_else(overflow)?;
+        let overflow = || Error::ShapeOverflow { dims: dims.to_vec() };
+        let spatial = sp.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(overflow)?;
+        let numel = n.checked_mul(spatial).and_then(|m| m.checked_mul(c)).ok_or_else(overflow)?;
         // Byte counts of the widest element (f32) must fit too.
         numel.checked_mul(4).ok_or_else(overflow)?;
         if n == 0 || spatial == 0 {
-            return Err(Error::EmptyReduction {
-                dims: dims.to_vec(),
-            });
+            return Err(Error::EmptyReduction { dims: dims.to_vec() });
         }
-        Ok(Shape {
-            dims: dims.to_vec(),
-            layout,
-            n,
-            c,
-            spatial,
-        })
+        Ok(Shape { dims: dims.to_vec(), layout, n, c, spatial })
     }
 
     /// `(N, C, *spatial)` in memory order.
@@ -130,9 +106,7 @@ impl Shape {
             Layout::ChannelsFirst => Shape::new(logical, layout),
             Layout::ChannelsLast => {
                 if !(2..=5).contains(&logical.len()) {
-                    return Err(Error::InvalidRank {
-                        dims: logical.to_vec(),
-                    });
+                    return Err(Error::InvalidRank { dims: logical.to_vec() });
                 }
                 let mut d = Vec::with_capacity(logical.len());
                 d.push(logical[0]);
@@ -189,16 +163,9 @@ impl Shape {
     /// the same `[N][C]` matrix, which is handled as channels-last (rows of C).
     pub(crate) fn pattern(&self) -> Pattern {
         if self.layout == Layout::ChannelsLast || self.spatial == 1 {
-            Pattern::Rows {
-                rows: self.n * self.spatial,
-                c: self.c,
-            }
+            Pattern::Rows { rows: self.n * self.spatial, c: self.c }
         } else {
-            Pattern::Planes {
-                n: self.n,
-                c: self.c,
-                s: self.spatial,
-            }
+            Pattern::Planes { n: self.n, c: self.c, s: self.spatial }
         }
     }
 
@@ -213,12 +180,7 @@ impl Shape {
 
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}",
-            crate::error::Dims(&self.dims),
-            self.layout.short()
-        )
+        write!(f, "{} {}", crate::error::Dims(&self.dims), self.layout.short())
     }
 }
 
@@ -247,26 +209,11 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_named() {
-        assert!(matches!(
-            Shape::channels_first(&[3]),
-            Err(Error::InvalidRank { .. })
-        ));
-        assert!(matches!(
-            Shape::channels_first(&[1, 2, 3, 4, 5, 6]),
-            Err(Error::InvalidRank { .. })
-        ));
-        assert!(matches!(
-            Shape::channels_last(&[3, 4, 0]),
-            Err(Error::ZeroChannels { .. })
-        ));
-        assert!(matches!(
-            Shape::channels_first(&[0, 4]),
-            Err(Error::EmptyReduction { .. })
-        ));
-        assert!(matches!(
-            Shape::channels_first(&[usize::MAX, 4, 4]),
-            Err(Error::ShapeOverflow { .. })
-        ));
+        assert!(matches!(Shape::channels_first(&[3]), Err(Error::InvalidRank { .. })));
+        assert!(matches!(Shape::channels_first(&[1, 2, 3, 4, 5, 6]), Err(Error::InvalidRank { .. })));
+        assert!(matches!(Shape::channels_last(&[3, 4, 0]), Err(Error::ZeroChannels { .. })));
+        assert!(matches!(Shape::channels_first(&[0, 4]), Err(Error::EmptyReduction { .. })));
+        assert!(matches!(Shape::channels_first(&[usize::MAX, 4, 4]), Err(Error::ShapeOverflow { .. })));
     }
 
     #[test]

@@ -88,9 +88,7 @@ mod tests {
 
     #[test]
     fn welford_and_chan_agree_with_two_pass() {
-        let xs: Vec<f64> = (0..1000)
-            .map(|i| 1e6 + ((i * 37 % 101) as f64) * 0.01)
-            .collect();
+        let xs: Vec<f64> = (0..1000).map(|i| 1e6 + ((i * 37 % 101) as f64) * 0.01).collect();
         let reference = Moments::of(&xs);
         let mut w = Moments::default();
         xs.iter().for_each(|&v| w.push(v));

@@ -6,11 +6,7 @@ use crate::error::{Error, Result};
 /// Length of a buffer against what the shape asks for.
 pub(crate) fn len(arg: &'static str, actual: usize, expected: usize) -> Result<()> {
     if actual != expected {
-        return Err(Error::LengthMismatch {
-            arg,
-            expected,
-            actual,
-        });
+        return Err(Error::LengthMismatch { arg, expected, actual });
     }
     Ok(())
 }
@@ -18,53 +14,29 @@ pub(crate) fn len(arg: &'static str, actual: usize, expected: usize) -> Result<(
 /// A buffer must live where the op runs.
 pub(crate) fn location(arg: &'static str, found: Location, expected: Location) -> Result<()> {
     if found != expected {
-        return Err(Error::WrongDevice {
-            arg,
-            expected: expected.to_string(),
-            found: found.to_string(),
-        });
+        return Err(Error::WrongDevice { arg, expected: expected.to_string(), found: found.to_string() });
     }
     Ok(())
 }
 
 /// Length and location of a read buffer.
-pub(crate) fn input<T>(
-    arg: &'static str,
-    b: &Buf<'_, T>,
-    expected: usize,
-    at: Location,
-) -> Result<()> {
+pub(crate) fn input<T>(arg: &'static str, b: &Buf<'_, T>, expected: usize, at: Location) -> Result<()> {
     len(arg, b.len(), expected)?;
     location(arg, b.location(), at)
 }
 
 /// Length and location of a written buffer.
-pub(crate) fn output<T>(
-    arg: &'static str,
-    b: &BufMut<'_, T>,
-    expected: usize,
-    at: Location,
-) -> Result<()> {
+pub(crate) fn output<T>(arg: &'static str, b: &BufMut<'_, T>, expected: usize, at: Location) -> Result<()> {
     len(arg, b.len(), expected)?;
     location(arg, b.location(), at)
 }
 
 /// Optional variants of the two above.
-pub(crate) fn opt_input<T>(
-    arg: &'static str,
-    b: Option<&Buf<'_, T>>,
-    expected: usize,
-    at: Location,
-) -> Result<()> {
+pub(crate) fn opt_input<T>(arg: &'static str, b: Option<&Buf<'_, T>>, expected: usize, at: Location) -> Result<()> {
     b.map_or(Ok(()), |b| input(arg, b, expected, at))
 }
 
-pub(crate) fn opt_output<T>(
-    arg: &'static str,
-    b: Option<&BufMut<'_, T>>,
-    expected: usize,
-    at: Location,
-) -> Result<()> {
+pub(crate) fn opt_output<T>(arg: &'static str, b: Option<&BufMut<'_, T>>, expected: usize, at: Location) -> Result<()> {
     b.map_or(Ok(()), |b| output(arg, b, expected, at))
 }
 
@@ -73,11 +45,7 @@ pub(crate) fn opt_output<T>(
 pub(crate) fn finite(arg: &'static str, v: Option<&[f32]>) -> Result<()> {
     if let Some(v) = v {
         if let Some((channel, &value)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-            return Err(Error::NonFiniteStatistic {
-                arg,
-                channel,
-                value,
-            });
+            return Err(Error::NonFiniteStatistic { arg, channel, value });
         }
     }
     Ok(())
@@ -88,24 +56,16 @@ pub(crate) fn variance(arg: &'static str, v: Option<&[f32]>) -> Result<()> {
     finite(arg, v)?;
     if let Some(v) = v {
         if let Some((channel, &value)) = v.iter().enumerate().find(|(_, x)| **x < 0.0) {
-            return Err(Error::NegativeVariance {
-                arg,
-                channel,
-                value,
-            });
+            return Err(Error::NegativeVariance { arg, channel, value });
         }
     }
     Ok(())
 }
 
+#[cfg_attr(not(all(feature = "cuda", bnorm_kernels)), allow(dead_code))]
 /// Two device buffers must not overlap (host buffers cannot: the borrow checker forbids a
 /// `&[T]` and a `&mut [T]` over the same memory).
-pub(crate) fn disjoint(
-    a: &'static str,
-    ra: Option<(u64, u64)>,
-    b: &'static str,
-    rb: Option<(u64, u64)>,
-) -> Result<()> {
+pub(crate) fn disjoint(a: &'static str, ra: Option<(u64, u64)>, b: &'static str, rb: Option<(u64, u64)>) -> Result<()> {
     if let (Some((a0, a1)), Some((b0, b1))) = (ra, rb) {
         if a0 < b1 && b0 < a1 {
             return Err(Error::Aliasing { a, b });

@@ -8,11 +8,7 @@ use bnorm::Device;
 
 fn failures(dev: &Device) -> Vec<String> {
     let cases = standard_suite();
-    assert!(
-        cases.len() > 1000,
-        "suite unexpectedly small: {}",
-        cases.len()
-    );
+    assert!(cases.len() > 1000, "suite unexpectedly small: {}", cases.len());
     run_suite(dev, &cases, |_| {})
         .into_iter()
         .filter_map(|r| match r {
@@ -42,12 +38,7 @@ fn check_level(level: SimdLevel) {
     }
     let dev = Device::from_cpu(CpuDevice::new().with_simd(level).unwrap(), "test");
     let f = failures(&dev);
-    assert!(
-        f.is_empty(),
-        "{} failing cases at {level}:\n{}",
-        f.len(),
-        f[..f.len().min(40)].join("\n")
-    );
+    assert!(f.is_empty(), "{} failing cases at {level}:\n{}", f.len(), f[..f.len().min(40)].join("\n"));
 }
 
 #[test]

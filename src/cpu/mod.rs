@@ -37,10 +37,7 @@ pub struct CpuDevice {
 
 impl std::fmt::Debug for CpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuDevice")
-            .field("threads", &self.threads())
-            .field("simd", &self.simd)
-            .finish()
+        f.debug_struct("CpuDevice").field("threads", &self.threads()).field("simd", &self.simd).finish()
     }
 }
 
@@ -144,7 +141,8 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
                 .map(|task| {
                     let (ch, range) = split.task(task);
                     let runs: Vec<&[T]> = range.map(|ni| &x[(ni * c + ch) * s..][..s]).collect();
-                    dispatch(level, RunMomentsKernel { runs: &runs })
+                    // every task of a channel shifts by the channel's first value
+                    dispatch(level, RunMomentsKernel { runs: &runs, shift: x[ch * s].to_f32() })
                 })
                 .collect();
             merge_moments(c, split.parts, &parts)
@@ -154,14 +152,9 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
             let parts: Vec<Vec<Moments>> = x
                 .par_chunks(rows_per * c)
                 .map(|block| {
-                    let mut acc = RowMoments::new(c);
-                    dispatch(
-                        level,
-                        RowMomentsKernel {
-                            acc: &mut acc,
-                            x: block,
-                        },
-                    );
+                    let shift: Vec<f32> = x[..c].iter().map(|v| v.to_f32()).collect();
+                    let mut acc = RowMoments::new(shift);
+                    dispatch(level, RowMomentsKernel { acc: &mut acc, x: block });
                     acc.finish()
                 })
                 .collect();
@@ -205,57 +198,35 @@ pub(crate) fn normalize<T: Element>(
     dev.install(|| match shape.pattern() {
         Pattern::Planes { c, s, .. } => {
             let runs_per = partition::runs_per_task(s);
-            y.par_chunks_mut(runs_per * s)
-                .enumerate()
-                .for_each(|(t, yb)| {
-                    let first = t * runs_per;
-                    let mut runs: Vec<NormRun<'_, T>> = yb
-                        .chunks_mut(s)
-                        .enumerate()
-                        .map(|(k, yr)| {
-                            let i = first + k;
-                            let ch = i % c;
-                            NormRun {
-                                x: &x[i * s..][..s],
-                                z: z.map(|z| &z[i * s..][..s]),
-                                y: yr,
-                                map: ChannelAffine {
-                                    mean: mean[ch],
-                                    scale: scale[ch],
-                                    shift: shift[ch],
-                                },
-                            }
-                        })
-                        .collect();
-                    dispatch(
-                        level,
-                        NormalizeRuns {
-                            runs: &mut runs,
-                            relu,
-                        },
-                    );
-                });
+            y.par_chunks_mut(runs_per * s).enumerate().for_each(|(t, yb)| {
+                let first = t * runs_per;
+                let mut runs: Vec<NormRun<'_, T>> = yb
+                    .chunks_mut(s)
+                    .enumerate()
+                    .map(|(k, yr)| {
+                        let i = first + k;
+                        let ch = i % c;
+                        NormRun {
+                            x: &x[i * s..][..s],
+                            z: z.map(|z| &z[i * s..][..s]),
+                            y: yr,
+                            map: ChannelAffine { mean: mean[ch], scale: scale[ch], shift: shift[ch] },
+                        }
+                    })
+                    .collect();
+                dispatch(level, NormalizeRuns { runs: &mut runs, relu });
+            });
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
-            y.par_chunks_mut(rows_per * c)
-                .enumerate()
-                .for_each(|(t, yb)| {
-                    let lo = t * rows_per * c;
-                    let hi = lo + yb.len();
-                    dispatch(
-                        level,
-                        NormalizeRows {
-                            x: &x[lo..hi],
-                            z: z.map(|z| &z[lo..hi]),
-                            y: yb,
-                            mean,
-                            scale,
-                            shift,
-                            relu,
-                        },
-                    );
-                });
+            y.par_chunks_mut(rows_per * c).enumerate().for_each(|(t, yb)| {
+                let lo = t * rows_per * c;
+                let hi = lo + yb.len();
+                dispatch(
+                    level,
+                    NormalizeRows { x: &x[lo..hi], z: z.map(|z| &z[lo..hi]), y: yb, mean, scale, shift, relu },
+                );
+            });
         }
     })
 }
@@ -283,28 +254,16 @@ pub(crate) fn grad_sums<T: Element>(
                     let runs: Vec<GradRun<'_, T>> = range
                         .map(|ni| {
                             let o = (ni * c + ch) * s;
-                            GradRun {
-                                dy: &dy[o..][..s],
-                                x: &x[o..][..s],
-                                y: y.map(|y| &y[o..][..s]),
-                            }
+                            GradRun { dy: &dy[o..][..s], x: &x[o..][..s], y: y.map(|y| &y[o..][..s]) }
                         })
                         .collect();
-                    dispatch(
-                        level,
-                        GradSumRuns {
-                            runs: &runs,
-                            mean: mean[ch],
-                        },
-                    )
+                    dispatch(level, GradSumRuns { runs: &runs, mean: mean[ch] })
                 })
                 .collect();
             (0..c)
                 .map(|ch| {
                     let mut g = GradSums::default();
-                    parts[ch * split.parts..(ch + 1) * split.parts]
-                        .iter()
-                        .for_each(|p| g.add(p));
+                    parts[ch * split.parts..(ch + 1) * split.parts].iter().for_each(|p| g.add(p));
                     g
                 })
                 .collect()
@@ -317,15 +276,7 @@ pub(crate) fn grad_sums<T: Element>(
                 .map(|t| {
                     let lo = t * block;
                     let hi = (lo + block).min(x.len());
-                    dispatch(
-                        level,
-                        GradSumRows {
-                            dy: &dy[lo..hi],
-                            x: &x[lo..hi],
-                            y: y.map(|y| &y[lo..hi]),
-                            mean,
-                        },
-                    )
+                    dispatch(level, GradSumRows { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]), mean })
                 })
                 .collect();
             let mut out = vec![GradSums::default(); c];
@@ -338,12 +289,7 @@ pub(crate) fn grad_sums<T: Element>(
 }
 
 /// `dx = a * ((g - gmean) + k * (x - mean))` per channel, and `dz = g` when asked.
-pub(crate) fn grad_input<T: Element>(
-    dev: &CpuDevice,
-    shape: &Shape,
-    a: Backward<'_, T>,
-    maps: &[GradMap],
-) {
+pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward<'_, T>, maps: &[GradMap]) {
     let level = dev.simd;
     let threads = dev.threads();
     let Backward { x, y, dy, dx, dz } = a;
@@ -355,32 +301,25 @@ pub(crate) fn grad_input<T: Element>(
                 Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
                 None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
             };
-            dx.par_chunks_mut(chunk)
-                .zip(dzs.par_iter_mut())
-                .enumerate()
-                .for_each(|(t, (dxb, dzb))| {
-                    let first = t * runs_per;
-                    let mut dz_runs = dzb.take().map(|d| d.chunks_mut(s));
-                    let mut runs: Vec<GradOutRun<'_, T>> = dxb
-                        .chunks_mut(s)
-                        .enumerate()
-                        .map(|(k, dxr)| {
-                            let i = first + k;
-                            let o = i * s;
-                            GradOutRun {
-                                inp: GradRun {
-                                    dy: &dy[o..][..s],
-                                    x: &x[o..][..s],
-                                    y: y.map(|y| &y[o..][..s]),
-                                },
-                                dx: dxr,
-                                dz: dz_runs.as_mut().and_then(|it| it.next()),
-                                map: maps[i % c],
-                            }
-                        })
-                        .collect();
-                    dispatch(level, GradRuns { runs: &mut runs });
-                });
+            dx.par_chunks_mut(chunk).zip(dzs.par_iter_mut()).enumerate().for_each(|(t, (dxb, dzb))| {
+                let first = t * runs_per;
+                let mut dz_runs = dzb.take().map(|d| d.chunks_mut(s));
+                let mut runs: Vec<GradOutRun<'_, T>> = dxb
+                    .chunks_mut(s)
+                    .enumerate()
+                    .map(|(k, dxr)| {
+                        let i = first + k;
+                        let o = i * s;
+                        GradOutRun {
+                            inp: GradRun { dy: &dy[o..][..s], x: &x[o..][..s], y: y.map(|y| &y[o..][..s]) },
+                            dx: dxr,
+                            dz: dz_runs.as_mut().and_then(|it| it.next()),
+                            map: maps[i % c],
+                        }
+                    })
+                    .collect();
+                dispatch(level, GradRuns { runs: &mut runs });
+            });
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
@@ -393,29 +332,22 @@ pub(crate) fn grad_input<T: Element>(
                 Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
                 None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
             };
-            dx.par_chunks_mut(chunk)
-                .zip(dzs.par_iter_mut())
-                .enumerate()
-                .for_each(|(t, (dxb, dzb))| {
-                    let lo = t * chunk;
-                    let hi = lo + dxb.len();
-                    dispatch(
-                        level,
-                        GradRows {
-                            inp: GradRun {
-                                dy: &dy[lo..hi],
-                                x: &x[lo..hi],
-                                y: y.map(|y| &y[lo..hi]),
-                            },
-                            dx: dxb,
-                            dz: dzb.take(),
-                            mean: &mean,
-                            a: &ca,
-                            gmean: &gmean,
-                            k: &k,
-                        },
-                    );
-                });
+            dx.par_chunks_mut(chunk).zip(dzs.par_iter_mut()).enumerate().for_each(|(t, (dxb, dzb))| {
+                let lo = t * chunk;
+                let hi = lo + dxb.len();
+                dispatch(
+                    level,
+                    GradRows {
+                        inp: GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) },
+                        dx: dxb,
+                        dz: dzb.take(),
+                        mean: &mean,
+                        a: &ca,
+                        gmean: &gmean,
+                        k: &k,
+                    },
+                );
+            });
         }
     })
 }

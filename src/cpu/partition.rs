@@ -26,10 +26,7 @@ impl Split {
     pub(crate) fn runs(n: usize, c: usize, s: usize, threads: usize) -> Split {
         let want = (TASKS_PER_THREAD * threads).div_ceil(c);
         let by_size = (n * s / MIN_TASK_ELEMS).max(1);
-        Split {
-            n,
-            parts: want.min(by_size).min(n).max(1),
-        }
+        Split { n, parts: want.min(by_size).min(n).max(1) }
     }
 
     /// Channel and batch range of task `t`.
@@ -57,12 +54,7 @@ mod tests {
 
     #[test]
     fn split_covers_every_batch_index_once() {
-        for (n, c, s, t) in [
-            (32, 3, 50176, 2),
-            (1, 1, 10, 8),
-            (7, 2, 100_000, 16),
-            (256, 2048, 49, 2),
-        ] {
+        for (n, c, s, t) in [(32, 3, 50176, 2), (1, 1, 10, 8), (7, 2, 100_000, 16), (256, 2048, 49, 2)] {
             let sp = Split::runs(n, c, s, t);
             for ch in 0..c {
                 let mut seen = vec![0; n];

@@ -79,9 +79,7 @@ impl std::str::FromStr for SimdLevel {
             "scalar" => Ok(SimdLevel::Scalar),
             "avx2" => Ok(SimdLevel::Avx2),
             "avx512" | "avx-512" => Ok(SimdLevel::Avx512),
-            _ => Err(format!(
-                "unknown SIMD level `{s}` (expected scalar, avx2 or avx512)"
-            )),
+            _ => Err(format!("unknown SIMD level `{s}` (expected scalar, avx2 or avx512)")),
         }
     }
 }
@@ -274,9 +272,7 @@ mod x86 {
     }
 
     pub(super) fn avx2_ok() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
 
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -389,10 +385,8 @@ mod x86 {
                 let hi = _mm512_srli_epi32::<16>(bits);
                 // round to nearest even: add 0x7fff plus the lowest kept bit
                 let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-                    bits,
-                    _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
-                ));
+                let rounded =
+                    _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
                 // NaN: keep the sign and payload's top bits, force quiet
                 let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
                 let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
@@ -485,20 +479,15 @@ mod x86 {
                 let bits = _mm256_castps_si256(v);
                 let hi = _mm256_srli_epi32::<16>(bits);
                 let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-                let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
-                    bits,
-                    _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)),
-                ));
+                let rounded =
+                    _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))));
                 let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
                 let quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
                 let r = _mm256_blendv_epi8(rounded, quiet, nan);
                 // values are < 2^16, so unsigned saturation keeps them; packus works per
                 // 128-bit half, so gather qwords 0 and 2 into the low half.
                 let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r));
-                _mm_storeu_si128(
-                    dst.as_mut_ptr() as *mut __m128i,
-                    _mm256_castsi256_si128(packed),
-                )
+                _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(packed))
             }
         }
     }
@@ -534,9 +523,8 @@ mod tests {
     /// Every level converts exactly like the `half` crate (round to nearest even, NaN kept).
     #[test]
     fn conversions_match_half_on_every_level() {
-        let mut src: Vec<f32> = (0..4096u32)
-            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) ^ 0x3f00_0000) * 0.37)
-            .collect();
+        let mut src: Vec<f32> =
+            (0..4096u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) ^ 0x3f00_0000) * 0.37).collect();
         src[..8].copy_from_slice(&[
             f32::NAN,
             -f32::NAN,
@@ -553,15 +541,7 @@ mod tests {
             }
             let n = src.len();
             let (mut h, mut b, mut back) = (vec![f16::ZERO; n], vec![bf16::ZERO; n], vec![0f32; n]);
-            dispatch(
-                level,
-                RoundTrip {
-                    src: &src,
-                    f16_out: &mut h,
-                    bf16_out: &mut b,
-                    back: &mut back,
-                },
-            );
+            dispatch(level, RoundTrip { src: &src, f16_out: &mut h, bf16_out: &mut b, back: &mut back });
             for i in 0..n {
                 let eh = f16::from_f32(src[i]);
                 let eb = bf16::from_f32(src[i]);
@@ -572,10 +552,7 @@ mod tests {
                 assert_eq!(h[i].to_bits(), eh.to_bits(), "{level} f16 of {}", src[i]);
                 assert_eq!(b[i].to_bits(), eb.to_bits(), "{level} bf16 of {}", src[i]);
                 let sum = eh.to_f32() + eb.to_f32();
-                assert!(
-                    back[i] == sum || (back[i].is_nan() && sum.is_nan()),
-                    "{level} load at {i}"
-                );
+                assert!(back[i] == sum || (back[i].is_nan() && sum.is_nan()), "{level} load at {i}");
             }
         }
     }

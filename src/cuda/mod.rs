@@ -20,18 +20,12 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaDevice")
-            .field("ordinal", &self.ordinal())
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("CudaDevice").field("ordinal", &self.ordinal()).field("name", &self.name).finish()
     }
 }
 
 fn unavailable(ordinal: usize, reason: impl Into<String>) -> Error {
-    Error::DeviceUnavailable {
-        requested: format!("cuda:{ordinal}"),
-        reason: reason.into(),
-    }
+    Error::DeviceUnavailable { requested: format!("cuda:{ordinal}"), reason: reason.into() }
 }
 
 impl CudaDevice {
@@ -52,31 +46,15 @@ impl CudaDevice {
             let count = CudaContext::device_count()
                 .map_err(|e| unavailable(ordinal, format!("cuInit/cuDeviceGetCount: {e}")))?;
             if ordinal >= count.max(0) as usize {
-                return Err(unavailable(
-                    ordinal,
-                    format!("{count} CUDA device(s) present"),
-                ));
+                return Err(unavailable(ordinal, format!("{count} CUDA device(s) present")));
             }
-            let ctx = CudaContext::new(ordinal)
-                .map_err(|e| unavailable(ordinal, format!("context: {e}")))?;
+            let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(ordinal, format!("context: {e}")))?;
             let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-            let cc = ctx
-                .compute_capability()
-                .map_err(|e| unavailable(ordinal, format!("compute capability: {e}")))?;
+            let cc = ctx.compute_capability().map_err(|e| unavailable(ordinal, format!("compute capability: {e}")))?;
             let stream = ctx.default_stream();
-            Ok(CudaDevice {
-                ctx,
-                stream,
-                name,
-                cc,
-            })
+            Ok(CudaDevice { ctx, stream, name, cc })
         });
-        opened.unwrap_or_else(|_| {
-            Err(unavailable(
-                ordinal,
-                "the CUDA driver panicked while probing",
-            ))
-        })
+        opened.unwrap_or_else(|_| Err(unavailable(ordinal, "the CUDA driver panicked while probing")))
     }
 
     pub fn ordinal(&self) -> usize {
@@ -85,13 +63,7 @@ impl CudaDevice {
 
     /// `cuda:N (NAME, sm_XY)`.
     pub fn describe(&self) -> String {
-        format!(
-            "cuda:{} ({}, sm_{}{})",
-            self.ordinal(),
-            self.name,
-            self.cc.0,
-            self.cc.1
-        )
+        format!("cuda:{} ({}, sm_{}{})", self.ordinal(), self.name, self.cc.0, self.cc.1)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

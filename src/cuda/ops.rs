@@ -7,10 +7,7 @@ use crate::ops::{Backward, ForwardInference, ForwardTraining};
 use crate::shape::Shape;
 
 fn todo(dev: &CudaDevice) -> Error {
-    Error::DeviceUnavailable {
-        requested: dev.describe(),
-        reason: "CUDA ops are not implemented yet".into(),
-    }
+    Error::DeviceUnavailable { requested: dev.describe(), reason: "CUDA ops are not implemented yet".into() }
 }
 
 pub(crate) fn forward_training<T: Element>(
@@ -29,11 +26,6 @@ pub(crate) fn forward_inference<T: Element>(
 ) -> Result<()> {
     Err(todo(d))
 }
-pub(crate) fn backward<T: Element>(
-    d: &CudaDevice,
-    _: &Shape,
-    _: &Config,
-    _: Backward<'_, T>,
-) -> Result<()> {
+pub(crate) fn backward<T: Element>(d: &CudaDevice, _: &Shape, _: &Config, _: Backward<'_, T>) -> Result<()> {
     Err(todo(d))
 }
