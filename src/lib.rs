@@ -50,3 +50,8 @@ pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use layer::{BatchNorm, BatchNormBuilder, StateDict, StateValue};
 pub use shape::{Layout, Shape};
+
+/// The README's examples, run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
