@@ -9,7 +9,8 @@
 //!   live in small arrays that stay in L1.
 //!
 //! Statistics accumulate in f32 (Welford for moments, plain sums for the backward
-//! reductions) for at most [`FLUSH_STEPS`] steps per lane, then fold into f64 with Chan's
+//! reductions) for at most [`FLUSH_STEPS`] ([`SUM_FLUSH_STEPS`] for sums) steps per lane,
+//! then fold into f64 with Chan's
 //! merge, so the f32 error never grows with M. Moments are taken of `x - shift` with a
 //! per-channel shift (one of the channel's own values): the f32 running means then stay
 //! near zero and their rounding stays at the scale of the spread, not of the offset
@@ -21,6 +22,12 @@ use crate::stats::Moments;
 
 /// Steps an f32 lane accumulates before it is folded into the f64 totals.
 pub(crate) const FLUSH_STEPS: u32 = 256;
+
+/// Steps a plain f32 sum lane accumulates before it is folded into f64. Sums of signed
+/// terms (the backward's) grow like sqrt(steps) and their rounding with them; 32 keeps the
+/// error of `sum g * (x - mean)` several times under the contract's 1e-6 * sqrt(sum of
+/// squared terms) at every M.
+pub(crate) const SUM_FLUSH_STEPS: u32 = 32;
 
 /// Independent vector accumulators per run kernel (hides the FMA latency).
 const ACC: usize = 4;
@@ -57,24 +64,53 @@ impl<S: Simd> RunMoments<S> {
         }
     }
 
+    /// One lockstep Welford step of the `ACC` accumulators (each gets one vector).
+    #[inline(always)]
+    fn step(&mut self, s: S, v: [S::V; ACC]) {
+        self.steps += 1;
+        let inv = s.splat(1.0 / self.steps as f32);
+        for k in 0..ACC {
+            let v = s.sub(v[k], self.shift_v);
+            let d = s.sub(v, self.mean[k]);
+            self.mean[k] = s.fma(d, inv, self.mean[k]);
+            self.m2[k] = s.fma(d, s.sub(v, self.mean[k]), self.m2[k]);
+        }
+        if self.steps == FLUSH_STEPS {
+            self.flush_groups(s);
+        }
+    }
+
+    /// Add one run: `ACC` consecutive vectors per step, then single vectors, then scalars.
     #[inline(always)]
     pub(crate) fn push_run<T: Element>(&mut self, s: S, x: &[T]) {
         let l = S::LANES;
         let mut groups = x.chunks_exact(ACC * l);
         for g in &mut groups {
-            self.steps += 1;
-            let inv = s.splat(1.0 / self.steps as f32);
-            for k in 0..ACC {
-                let v = s.sub(s.load(&g[k * l..]), self.shift_v);
-                let d = s.sub(v, self.mean[k]);
-                self.mean[k] = s.fma(d, inv, self.mean[k]);
-                self.m2[k] = s.fma(d, s.sub(v, self.mean[k]), self.m2[k]);
-            }
-            if self.steps == FLUSH_STEPS {
-                self.flush_groups(s);
-            }
+            self.step(s, std::array::from_fn(|k| s.load(&g[k * l..])));
         }
-        let rest = groups.remainder();
+        self.push_tail(s, groups.remainder());
+    }
+
+    /// Add `ACC` runs of equal length at once, vector `i` of run `k` into accumulator `k`:
+    /// independent dependency chains even when runs are a few vectors long (7x7 planes).
+    #[inline(always)]
+    pub(crate) fn push_runs<T: Element>(&mut self, s: S, runs: [&[T]; ACC]) {
+        let l = S::LANES;
+        let len = runs[0].len();
+        debug_assert!(runs.iter().all(|r| r.len() == len));
+        let nv = len - len % l;
+        for i in (0..nv).step_by(l) {
+            self.step(s, std::array::from_fn(|k| s.load(&runs[k][i..])));
+        }
+        for r in runs {
+            self.push_tail(s, &r[nv..]);
+        }
+    }
+
+    /// Single vectors into the spare accumulator, then scalars into the f64 total.
+    #[inline(always)]
+    fn push_tail<T: Element>(&mut self, s: S, rest: &[T]) {
+        let l = S::LANES;
         let mut vecs = rest.chunks_exact(l);
         for v in &mut vecs {
             self.steps1 += 1;
@@ -232,7 +268,18 @@ impl<T: Element> Kernel for RunMomentsKernel<'_, '_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Moments {
         let mut acc = RunMoments::new(s, self.shift);
-        for r in self.runs {
+        // short runs: ACC runs side by side; long runs: ACC vectors of one run side by side
+        let short = self.runs.first().is_some_and(|r| r.len() < 4 * ACC * S::LANES);
+        let rest = if short {
+            let mut groups = self.runs.chunks_exact(ACC);
+            for g in &mut groups {
+                acc.push_runs(s, std::array::from_fn(|k| g[k]));
+            }
+            groups.remainder()
+        } else {
+            self.runs
+        };
+        for r in rest {
             acc.push_run(s, r);
         }
         acc.finish(s)
@@ -407,40 +454,31 @@ impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
         let l = S::LANES;
         let z = s.splat(0.0);
         let mean = s.splat(self.mean);
-        let (mut sg, mut sgx) = ([z; ACC], [z; ACC]);
+        let mut acc = GradAcc::<S> { g: [z; ACC], gx: [z; ACC] };
         let mut steps = 0u32;
         let mut out = GradSums::default();
-        let fold = |sg: &mut [S::V; ACC], sgx: &mut [S::V; ACC], out: &mut GradSums| {
-            for k in 0..ACC {
-                let (a, b) = (s.to_array(sg[k]), s.to_array(sgx[k]));
-                out.g += a[..l].iter().map(|&v| v as f64).sum::<f64>();
-                out.gx += b[..l].iter().map(|&v| v as f64).sum::<f64>();
-                sg[k] = z;
-                sgx[k] = z;
-            }
-        };
         for r in self.runs {
             let n = r.x.len();
-            let step = ACC * l;
             let nv = n - n % l;
-            let mut i = 0;
-            // ACC vectors at a time, then single vectors (into accumulator 0), then scalars.
-            while i < nv {
-                let width = if i + step <= nv { ACC } else { 1 };
-                for k in 0..width {
+            let full = nv - nv % (ACC * l);
+            for i in (0..=full).step_by(ACC * l) {
+                // ACC vectors side by side; the last step takes the (< ACC) leftover vectors,
+                // each in its own accumulator, so short runs keep independent chains too.
+                for k in 0..ACC {
                     let o = i + k * l;
-                    let dy = s.load(&r.dy[o..]);
-                    let g = match r.y {
-                        Some(y) => s.where_positive(s.load(&y[o..]), dy),
-                        None => dy,
-                    };
-                    sg[k] = s.add(sg[k], g);
-                    sgx[k] = s.fma(g, s.sub(s.load(&r.x[o..]), mean), sgx[k]);
+                    if o < nv {
+                        let dy = s.load(&r.dy[o..]);
+                        let g = match r.y {
+                            Some(y) => s.where_positive(s.load(&y[o..]), dy),
+                            None => dy,
+                        };
+                        acc.g[k] = s.add(acc.g[k], g);
+                        acc.gx[k] = s.fma(g, s.sub(s.load(&r.x[o..]), mean), acc.gx[k]);
+                    }
                 }
-                i += width * l;
                 steps += 1;
-                if steps == FLUSH_STEPS {
-                    fold(&mut sg, &mut sgx, &mut out);
+                if steps == SUM_FLUSH_STEPS {
+                    acc.fold(s, &mut out);
                     steps = 0;
                 }
             }
@@ -454,8 +492,29 @@ impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
                 out.gx += g * (r.x[j].to_f64() - self.mean as f64);
             }
         }
-        fold(&mut sg, &mut sgx, &mut out);
+        acc.fold(s, &mut out);
         out
+    }
+}
+
+/// Vector accumulators of the backward sums.
+struct GradAcc<S: Simd> {
+    g: [S::V; ACC],
+    gx: [S::V; ACC],
+}
+
+impl<S: Simd> GradAcc<S> {
+    /// Add the lanes into the f64 totals and reset.
+    #[inline(always)]
+    fn fold(&mut self, s: S, out: &mut GradSums) {
+        let l = S::LANES;
+        for k in 0..ACC {
+            let (a, b) = (s.to_array(self.g[k]), s.to_array(self.gx[k]));
+            out.g += a[..l].iter().map(|&v| v as f64).sum::<f64>();
+            out.gx += b[..l].iter().map(|&v| v as f64).sum::<f64>();
+            self.g[k] = s.splat(0.0);
+            self.gx[k] = s.splat(0.0);
+        }
     }
 }
 
@@ -512,7 +571,7 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
                 sgx[j] += g * (xr[j].to_f32() - self.mean[j]);
             }
             steps += 1;
-            if steps == FLUSH_STEPS {
+            if steps == SUM_FLUSH_STEPS {
                 fold(&mut sg, &mut sgx, &mut out);
                 steps = 0;
             }

@@ -235,7 +235,29 @@ pub(crate) fn normalize<T: Element>(
 // ---------------------------------------------------------------- backward
 
 /// Per-channel `sum g` and `sum g * (x - mean)`, `g` gated by ReLU when `y` is given.
+///
+/// The kernels subtract `mean` rounded to the activation type (`m_hi`) and the rest
+/// (`m_lo = mean - m_hi`) is taken off the f64 totals as `m_lo * sum g`. With f16/bf16
+/// inputs every `x - m_hi` is then exact in f32, whereas `x - mean` rounds by the same
+/// amount for every x of a binade (x lies on a coarser grid than mean): a bias that
+/// `sum g` multiplies, far above the contract when g has a large mean.
 pub(crate) fn grad_sums<T: Element>(
+    dev: &CpuDevice,
+    shape: &Shape,
+    dy: &[T],
+    x: &[T],
+    y: Option<&[T]>,
+    mean: &[f32],
+) -> Vec<GradSums> {
+    let m_hi: Vec<f32> = mean.iter().map(|&m| T::from_f32_rounded(m).to_f32()).collect();
+    let mut sums = grad_sums_about(dev, shape, dy, x, y, &m_hi);
+    for ((s, &m), &hi) in sums.iter_mut().zip(mean).zip(&m_hi) {
+        s.gx -= (m as f64 - hi as f64) * s.g;
+    }
+    sums
+}
+
+fn grad_sums_about<T: Element>(
     dev: &CpuDevice,
     shape: &Shape,
     dy: &[T],
