@@ -416,29 +416,24 @@ fn cpu_forward_training<T: Element>(
     let saved_mean = opt_host_mut("saved_mean", a.saved_mean)?;
     let saved_invstd = opt_host_mut("saved_invstd", a.saved_invstd)?;
 
-    let moments = cpu::moments(dev, shape, x);
-    let c = shape.c();
-    let mut mean = vec![0f32; c];
-    let mut inv = vec![0f32; c];
-    let mut scale = vec![0f32; c];
-    let mut shift = vec![0f32; c];
-    for (ch, m) in moments.iter().enumerate() {
-        let is = invstd(m.var_biased(), cfg.eps);
-        mean[ch] = m.mean as f32;
-        inv[ch] = is as f32;
-        scale[ch] = (w.map_or(1.0, |w| w[ch] as f64) * is) as f32;
-        shift[ch] = b.map_or(0.0, |b| b[ch]);
-    }
     let relu = cfg.activation == Activation::Relu;
-    cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, &mean, &scale, &shift);
+    let affine = |ch: usize, m: &Moments| {
+        let is = invstd(m.var_biased(), cfg.eps);
+        cpu::ChannelAffine {
+            mean: m.mean as f32,
+            scale: (w.map_or(1.0, |w| w[ch] as f64) * is) as f32,
+            shift: b.map_or(0.0, |b| b[ch]),
+        }
+    };
+    let moments = cpu::forward_training(dev, shape, cpu::Forward { x, z, y, relu }, affine);
     if let Some((rm, rv, tracked)) = running {
         update_running(cfg.running_stats, shape.m(), &moments, rm, rv, tracked);
     }
     if let Some(s) = saved_mean {
-        s.copy_from_slice(&mean);
+        s.iter_mut().zip(&moments).for_each(|(s, m)| *s = m.mean as f32);
     }
     if let Some(s) = saved_invstd {
-        s.copy_from_slice(&inv);
+        s.iter_mut().zip(&moments).for_each(|(s, m)| *s = invstd(m.var_biased(), cfg.eps) as f32);
     }
     Ok(())
 }
@@ -502,26 +497,26 @@ fn cpu_backward<T: Element>(dev: &cpu::CpuDevice, shape: &Shape, cfg: &Config, a
             (mean.to_vec(), var.iter().map(|&v| invstd(v as f64, cfg.eps) as f32 as f64).collect(), false)
         }
     };
-    let need_sums = training || dweight.is_some() || dbias.is_some();
-    let sums = if need_sums { cpu::grad_sums(dev, shape, dy, x, y, &mean) } else { Vec::new() };
     let m = shape.m() as f64;
-    let maps: Vec<GradMap> = (0..c)
-        .map(|ch| {
-            let wi = w.map_or(1.0, |w| w[ch] as f64) * inv[ch];
-            if training {
-                let s = sums[ch];
-                GradMap {
-                    mean: mean[ch],
-                    a: wi as f32,
-                    gmean: (s.g / m) as f32,
-                    k: (-inv[ch] * inv[ch] * s.gx / m) as f32,
-                }
-            } else {
-                GradMap { mean: mean[ch], a: wi as f32, gmean: 0.0, k: 0.0 }
-            }
-        })
-        .collect();
-    cpu::grad_input(dev, shape, cpu::Backward { x, y, dy, dx, dz }, &maps);
+    let wi = |ch: usize| w.map_or(1.0, |w| w[ch] as f64) * inv[ch];
+    let args = cpu::Backward { x, y, dy, dx, dz };
+    let sums = if training {
+        let grad = |ch: usize, s: &cpu::GradSums| GradMap {
+            mean: mean[ch],
+            a: wi(ch) as f32,
+            gmean: (s.g / m) as f32,
+            k: (-inv[ch] * inv[ch] * s.gx / m) as f32,
+        };
+        cpu::backward(dev, shape, args, &mean, grad)
+    } else {
+        // frozen statistics: dx = g * w * invstd, the sums only feed dweight / dbias
+        let sums =
+            if dweight.is_some() || dbias.is_some() { cpu::grad_sums(dev, shape, dy, x, y, &mean) } else { Vec::new() };
+        let maps: Vec<GradMap> =
+            (0..c).map(|ch| GradMap { mean: mean[ch], a: wi(ch) as f32, gmean: 0.0, k: 0.0 }).collect();
+        cpu::grad_input(dev, shape, args, &maps);
+        sums
+    };
     if let Some(d) = dweight {
         d.iter_mut().enumerate().for_each(|(ch, v)| *v = (sums[ch].gx * inv[ch]) as f32);
     }

@@ -441,6 +441,18 @@ pub(crate) struct GradRun<'a, T> {
     pub y: Option<&'a [T]>,
 }
 
+/// `mean` split as `m_hi + m_lo` with `m_hi` on the activation type's grid.
+///
+/// The backward sums subtract `m_hi` in f32 and take `m_lo * sum g` off the f64 total. With
+/// f16/bf16 inputs every `x - m_hi` is then exact in f32, whereas `x - mean` rounds by the
+/// same amount for every x of a binade (x lies on a coarser grid than mean): a bias that
+/// `sum g` multiplies, far above the contract when g has a large mean.
+#[inline(always)]
+fn split_mean<T: Element>(mean: f32) -> (f32, f64) {
+    let hi = T::from_f32_rounded(mean).to_f32();
+    (hi, mean as f64 - hi as f64)
+}
+
 /// Kernel: backward sums of one channel given as runs.
 pub(crate) struct GradSumRuns<'a, 'b, T> {
     pub runs: &'b [GradRun<'a, T>],
@@ -453,7 +465,8 @@ impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
     fn run<S: Simd>(self, s: S) -> GradSums {
         let l = S::LANES;
         let z = s.splat(0.0);
-        let mean = s.splat(self.mean);
+        let (m_hi, m_lo) = split_mean::<T>(self.mean);
+        let mean = s.splat(m_hi);
         let mut acc = GradAcc::<S> { g: [z; ACC], gx: [z; ACC] };
         let mut steps = 0u32;
         let mut out = GradSums::default();
@@ -489,10 +502,11 @@ impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
                     _ => dy,
                 };
                 out.g += g;
-                out.gx += g * (r.x[j].to_f64() - self.mean as f64);
+                out.gx += g * (r.x[j].to_f64() - m_hi as f64);
             }
         }
         acc.fold(s, &mut out);
+        out.gx -= m_lo * out.g;
         out
     }
 }
@@ -533,6 +547,8 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
         let c = self.mean.len();
         let l = S::LANES;
         let cv = c - c % l;
+        let (m_hi, m_lo): (Vec<f32>, Vec<f64>) = self.mean.iter().map(|&m| split_mean::<T>(m)).unzip();
+        let mean = &m_hi[..];
         let mut sg = vec![0.0f32; c];
         let mut sgx = vec![0.0f32; c];
         let mut out = vec![GradSums::default(); c];
@@ -556,7 +572,7 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
                     None => dy,
                 };
                 let a = s.add(s.load_f32(&sg[j..]), g);
-                let xc = s.sub(s.load(&xr[j..]), s.load_f32(&self.mean[j..]));
+                let xc = s.sub(s.load(&xr[j..]), s.load_f32(&mean[j..]));
                 let b = s.fma(g, xc, s.load_f32(&sgx[j..]));
                 s.store_f32(&mut sg[j..], a);
                 s.store_f32(&mut sgx[j..], b);
@@ -568,7 +584,7 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
                     _ => dy,
                 };
                 sg[j] += g;
-                sgx[j] += g * (xr[j].to_f32() - self.mean[j]);
+                sgx[j] += g * (xr[j].to_f32() - mean[j]);
             }
             steps += 1;
             if steps == SUM_FLUSH_STEPS {
@@ -577,6 +593,9 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
             }
         }
         fold(&mut sg, &mut sgx, &mut out);
+        for (o, lo) in out.iter_mut().zip(m_lo) {
+            o.gx -= lo * o.g;
+        }
         out
     }
 }
