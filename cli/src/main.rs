@@ -2,6 +2,7 @@
 //! (`check`), and measure them (`bench`).
 
 mod bench;
+mod chart;
 mod check;
 mod info;
 
@@ -62,6 +63,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Time the ops on a benchmark suite: median time, effective GB/s, % of a plain copy.
     Bench(bench::BenchArgs),
+    /// Render a bench JSON (with peers) as an SVG chart of speedups per shape.
+    Chart(chart::ChartArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Info => info::run(),
         Command::Check(a) => check::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Chart(a) => chart::run(&a),
     };
     match r {
         Ok(code) => code,

@@ -29,6 +29,18 @@ pub(crate) const FLUSH_STEPS: u32 = 256;
 /// squared terms) at every M.
 pub(crate) const SUM_FLUSH_STEPS: u32 = 32;
 
+/// `RECIP[k] = 1 / k` for Welford step counts up to [`FLUSH_STEPS`] (a table load instead of
+/// a division in every step).
+static RECIP: [f32; FLUSH_STEPS as usize + 1] = {
+    let mut t = [0f32; FLUSH_STEPS as usize + 1];
+    let mut k = 1;
+    while k < t.len() {
+        t[k] = 1.0 / k as f32;
+        k += 1;
+    }
+    t
+};
+
 /// Independent vector accumulators per run kernel (hides the FMA latency).
 const ACC: usize = 4;
 
@@ -68,7 +80,7 @@ impl<S: Simd> RunMoments<S> {
     #[inline(always)]
     fn step(&mut self, s: S, v: [S::V; ACC]) {
         self.steps += 1;
-        let inv = s.splat(1.0 / self.steps as f32);
+        let inv = s.splat(RECIP[self.steps as usize]);
         for k in 0..ACC {
             let v = s.sub(v[k], self.shift_v);
             let d = s.sub(v, self.mean[k]);
@@ -114,7 +126,7 @@ impl<S: Simd> RunMoments<S> {
         let mut vecs = rest.chunks_exact(l);
         for v in &mut vecs {
             self.steps1 += 1;
-            let inv = s.splat(1.0 / self.steps1 as f32);
+            let inv = s.splat(RECIP[self.steps1 as usize]);
             let v = s.sub(s.load(v), self.shift_v);
             let d = s.sub(v, self.mean1);
             self.mean1 = s.fma(d, inv, self.mean1);
@@ -232,7 +244,7 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
         let cv = c - c % l;
         for row in self.x.chunks_exact(c) {
             acc.steps += 1;
-            let inv1 = 1.0 / acc.steps as f32;
+            let inv1 = RECIP[acc.steps as usize];
             let inv = s.splat(inv1);
             let (mv, qv, kv) = (&mut acc.mean[..], &mut acc.m2[..], &acc.shift[..]);
             for j in (0..cv).step_by(l) {

@@ -184,18 +184,29 @@ fn merge_moments(c: usize, parts: usize, partial: &[Moments]) -> Vec<Moments> {
 
 // ---------------------------------------------------------------- fused, cache-blocked paths
 
-/// Bytes of one channel's `x` under which its reduction and its element-wise pass run back
-/// to back in one task: the second pass then reads the channel from the core's L2 instead
-/// of memory (2 passes of memory traffic in forward-train instead of 3, 3 instead of 5 in
-/// backward). Half of a 1 MiB L2, leaving room for the outputs the second pass writes.
-const FUSE_MAX_CHANNEL_BYTES: usize = 512 * 1024;
+/// The per-core L2 size (Linux sysfs; 1 MiB where it cannot be read).
+fn l2_bytes() -> usize {
+    static L2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L2.get_or_init(|| {
+        let s = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index2/size").unwrap_or_default();
+        let s = s.trim();
+        let parsed = match s.strip_suffix('K') {
+            Some(k) => k.parse::<usize>().ok().map(|v| v << 10),
+            None => s.strip_suffix('M').and_then(|m| m.parse::<usize>().ok()).map(|v| v << 20),
+        };
+        parsed.filter(|&b| b >= 256 << 10).unwrap_or(1 << 20)
+    })
+}
 
-/// `(n, c, s)` when channels-first data can take the fused per-channel path: small enough
-/// channels and enough of them to keep every thread busy without splitting a channel.
-fn fused_planes<T>(shape: &Shape, threads: usize) -> Option<(usize, usize, usize)> {
+/// `(n, c, s)` when channels-first data can take the fused per-channel path: a channel's
+/// working set (`tensors` buffers of its size: x and y, or x, dy and dx) fits in 3/4 of
+/// L2, so the second pass reads it from there (2 passes of memory traffic in
+/// forward-train instead of 3, 3 instead of 5 in backward); and there are enough channels
+/// to keep every thread busy without splitting one.
+fn fused_planes<T>(shape: &Shape, threads: usize, tensors: usize) -> Option<(usize, usize, usize)> {
     match shape.pattern() {
         Pattern::Planes { n, c, s }
-            if n * s * std::mem::size_of::<T>() <= FUSE_MAX_CHANNEL_BYTES && c >= 2 * threads =>
+            if tensors * n * s * std::mem::size_of::<T>() <= l2_bytes() * 3 / 4 && c >= 2 * threads =>
         {
             Some((n, c, s))
         }
@@ -221,7 +232,7 @@ pub(crate) fn forward_training<T: Element>(
     a: Forward<'_, T>,
     affine: impl Fn(usize, &Moments) -> ChannelAffine + Sync,
 ) -> Vec<Moments> {
-    let Some((n, c, s)) = fused_planes::<T>(shape, dev.threads()) else {
+    let Some((n, c, s)) = fused_planes::<T>(shape, dev.threads(), 2) else {
         let moments = moments(dev, shape, a.x);
         let maps: Vec<ChannelAffine> = moments.iter().enumerate().map(|(ch, m)| affine(ch, m)).collect();
         let mean: Vec<f32> = maps.iter().map(|m| m.mean).collect();
@@ -262,7 +273,7 @@ pub(crate) fn backward<T: Element>(
     mean: &[f32],
     grad: impl Fn(usize, &GradSums) -> GradMap + Sync,
 ) -> Vec<GradSums> {
-    let Some((n, c, s)) = fused_planes::<T>(shape, dev.threads()) else {
+    let Some((n, c, s)) = fused_planes::<T>(shape, dev.threads(), 3) else {
         let sums = grad_sums(dev, shape, a.dy, a.x, a.y, mean);
         let maps: Vec<GradMap> = sums.iter().enumerate().map(|(ch, g)| grad(ch, g)).collect();
         grad_input(dev, shape, a, &maps);

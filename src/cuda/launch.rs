@@ -62,17 +62,8 @@ impl DivMod {
         let d128 = d as u128;
         let magic64 = ((1u128 << 64) * ((1u128 << shift) - d128)) / d128 + 1;
         debug_assert!(magic64 <= u64::MAX as u128);
-        let magic32 = if d < 1 << 31 {
-            ((1u64 << 32) * ((1u64 << shift) - d) / d + 1) as u32
-        } else {
-            0
-        };
-        DivMod {
-            d,
-            magic64: magic64 as u64,
-            magic32,
-            shift,
-        }
+        let magic32 = if d < 1 << 31 { ((1u64 << 32) * ((1u64 << shift) - d) / d + 1) as u32 } else { 0 };
+        DivMod { d, magic64: magic64 as u64, magic32, shift }
     }
 
     /// The kernels' 32-bit formula (for tests), valid for `n < 2^31`.
@@ -219,11 +210,7 @@ pub(crate) struct Geometry {
 
 impl Geometry {
     pub(crate) fn config(&self) -> cudarc::driver::LaunchConfig {
-        cudarc::driver::LaunchConfig {
-            grid_dim: self.grid,
-            block_dim: self.block,
-            shared_mem_bytes: self.smem,
-        }
+        cudarc::driver::LaunchConfig { grid_dim: self.grid, block_dim: self.block, shared_mem_bytes: self.smem }
     }
 }
 
@@ -310,11 +297,7 @@ pub(crate) fn plan_reduce(
             let slice = n * s * tensor_bytes;
             let fused = fusable && splits == 1 && fits_l2(caps, c.min(resident), slice);
             ReducePlan {
-                geo: Geometry {
-                    grid: (c.min(MAX_GRID_X) as u32, splits as u32, 1),
-                    block: (THREADS, 1, 1),
-                    smem: 0,
-                },
+                geo: Geometry { grid: (c.min(MAX_GRID_X) as u32, splits as u32, 1), block: (THREADS, 1, 1), smem: 0 },
                 splits,
                 fused,
                 counters: c,
@@ -353,24 +336,13 @@ pub(crate) fn plan_elementwise(caps: &Caps, p: Pattern, v: usize) -> Geometry {
         Pattern::Planes { n, c, s } => {
             let nv = n * c * s / v;
             let blocks = nv.div_ceil(THREADS as usize * u).clamp(1, cap);
-            Geometry {
-                grid: (blocks as u32, 1, 1),
-                block: (THREADS, 1, 1),
-                smem: 0,
-            }
+            Geometry { grid: (blocks as u32, 1, 1), block: (THREADS, 1, 1), smem: 0 }
         }
         Pattern::Rows { rows, c } => {
             let (bdx, bdy) = rows_block(c, v);
             let tiles = c.div_ceil(bdx as usize * v);
-            let row_blocks = rows
-                .div_ceil(bdy as usize * u)
-                .min((cap / tiles).max(1))
-                .clamp(1, MAX_GRID_Y);
-            Geometry {
-                grid: (tiles.min(MAX_GRID_X) as u32, row_blocks as u32, 1),
-                block: (bdx, bdy, 1),
-                smem: 0,
-            }
+            let row_blocks = rows.div_ceil(bdy as usize * u).min((cap / tiles).max(1)).clamp(1, MAX_GRID_Y);
+            Geometry { grid: (tiles.min(MAX_GRID_X) as u32, row_blocks as u32, 1), block: (bdx, bdy, 1), smem: 0 }
         }
     }
 }
@@ -380,14 +352,8 @@ mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
-    const H100: Caps = Caps {
-        sms: 132,
-        l2_bytes: 50 << 20,
-    };
-    const SMALL: Caps = Caps {
-        sms: 4,
-        l2_bytes: 4 << 20,
-    };
+    const H100: Caps = Caps { sms: 132, l2_bytes: 50 << 20 };
+    const SMALL: Caps = Caps { sms: 4, l2_bytes: 4 << 20 };
 
     fn planes(n: usize, c: usize, s: usize) -> Pattern {
         Pattern::Planes { n, c, s }
@@ -401,8 +367,19 @@ mod tests {
         let mut rng = crate::check::Rng::new(11);
         let mut ds: Vec<u64> = (1..=300).collect();
         ds.extend([
-            49, 196, 784, 3136, 12544, 65535, 65536, 65537, 1 << 20, (1 << 31) - 1,
-            (1 << 31) + 1, 1 << 40, (1 << 62) + 12345,
+            49,
+            196,
+            784,
+            3136,
+            12544,
+            65535,
+            65536,
+            65537,
+            1 << 20,
+            (1 << 31) - 1,
+            (1 << 31) + 1,
+            1 << 40,
+            (1 << 62) + 12345,
         ]);
         ds.extend((0..300).map(|_| 1 + rng.next_u64() % (1 << 31)));
         for &d in &ds {
@@ -460,10 +437,7 @@ mod tests {
         };
         assert_eq!(define("BN_THREADS"), THREADS.to_string());
         assert_eq!(define("BN_REDUCE_LANES"), REDUCE_LANES.to_string());
-        assert_eq!(
-            define("BN_REDUCE_UNROLL_SCALAR"),
-            REDUCE_UNROLL_SCALAR.to_string()
-        );
+        assert_eq!(define("BN_REDUCE_UNROLL_SCALAR"), REDUCE_UNROLL_SCALAR.to_string());
         assert_eq!(define("BN_EW_ELEMS"), EW_ELEMS.to_string());
         assert_eq!(define("BN_EW_UNROLL_SCALAR"), EW_UNROLL_SCALAR.to_string());
         assert_eq!(define("BN_VEC_CL"), VEC_CL.to_string());
@@ -478,9 +452,7 @@ mod tests {
         ] {
             assert_eq!(define(name), format!("{bit}u"), "{name}");
         }
-        assert!(cuh.contains(&format!(
-            "__launch_bounds__(BN_THREADS, {REDUCE_MIN_BLOCKS})"
-        )));
+        assert!(cuh.contains(&format!("__launch_bounds__(BN_THREADS, {REDUCE_MIN_BLOCKS})")));
         assert!(cuh.contains(&format!("__launch_bounds__(BN_THREADS, {EW_MIN_BLOCKS})")));
     }
 

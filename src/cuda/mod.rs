@@ -54,18 +54,12 @@ impl std::fmt::Debug for CudaDevice {
 }
 
 fn unavailable(requested: String, reason: impl Into<String>) -> Error {
-    Error::DeviceUnavailable {
-        requested,
-        reason: reason.into(),
-    }
+    Error::DeviceUnavailable { requested, reason: reason.into() }
 }
 
 /// An `Error::Cuda` for a failed driver call.
 pub(crate) fn cuda_err(context: &'static str, message: impl std::fmt::Display) -> Error {
-    Error::Cuda {
-        context,
-        message: message.to_string(),
-    }
+    Error::Cuda { context, message: message.to_string() }
 }
 
 /// Whether the driver library can be loaded (no panic, no CUDA call).
@@ -92,22 +86,13 @@ impl CudaDevice {
             let count = CudaContext::device_count()
                 .map_err(|e| unavailable(requested.clone(), format!("cuInit/cuDeviceGetCount: {e}")))?;
             if ordinal >= count.max(0) as usize {
-                return Err(unavailable(
-                    requested.clone(),
-                    format!("{count} CUDA device(s) present"),
-                ));
+                return Err(unavailable(requested.clone(), format!("{count} CUDA device(s) present")));
             }
-            let ctx = CudaContext::new(ordinal)
-                .map_err(|e| unavailable(requested.clone(), format!("context: {e}")))?;
+            let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(requested.clone(), format!("context: {e}")))?;
             let stream = ctx.default_stream();
             CudaDevice::build(stream)
         });
-        opened.unwrap_or_else(|_| {
-            Err(unavailable(
-                format!("cuda:{ordinal}"),
-                "the CUDA driver panicked while probing",
-            ))
-        })
+        opened.unwrap_or_else(|_| Err(unavailable(format!("cuda:{ordinal}"), "the CUDA driver panicked while probing")))
     }
 
     /// Run bnorm's ops on the caller's stream (and its context): they are enqueued after
@@ -128,12 +113,10 @@ impl CudaDevice {
         let ctx = stream.context().clone();
         let requested = format!("cuda:{}", ctx.ordinal());
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let cc = ctx
-            .compute_capability()
-            .map_err(|e| unavailable(requested.clone(), format!("compute capability: {e}")))?;
+        let cc =
+            ctx.compute_capability().map_err(|e| unavailable(requested.clone(), format!("compute capability: {e}")))?;
         let attr = |a: Attr| -> Result<i32> {
-            ctx.attribute(a)
-                .map_err(|e| unavailable(requested.clone(), format!("{a:?}: {e}")))
+            ctx.attribute(a).map_err(|e| unavailable(requested.clone(), format!("{a:?}: {e}")))
         };
         let caps = Caps {
             sms: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32,
@@ -158,13 +141,7 @@ impl CudaDevice {
 
     /// `cuda:N (NAME, sm_XY)`.
     pub fn describe(&self) -> String {
-        format!(
-            "cuda:{} ({}, sm_{}{})",
-            self.ordinal(),
-            self.inner.name,
-            self.inner.cc.0,
-            self.inner.cc.1
-        )
+        format!("cuda:{} ({}, sm_{}{})", self.ordinal(), self.inner.name, self.inner.cc.0, self.inner.cc.1)
     }
 
     /// The GPU's name, as the driver reports it.
@@ -214,10 +191,7 @@ impl CudaDevice {
     }
 
     pub(crate) fn workspace(&self) -> MutexGuard<'_, Option<Workspace>> {
-        self.inner
-            .workspace
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.inner.workspace.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -244,9 +218,7 @@ pub struct CudaInfo {
 /// (same major version, not newer than the device).
 pub fn sass_covers(major: i32, minor: i32) -> bool {
     let cc = (major * 10 + minor).max(0) as u32;
-    SASS_ARCHS
-        .iter()
-        .any(|&a| a / 10 == major.max(0) as u32 && a <= cc)
+    SASS_ARCHS.iter().any(|&a| a / 10 == major.max(0) as u32 && a <= cc)
 }
 
 /// The CUDA version of the installed driver, e.g. `Some((13, 0))`; `None` without a driver.
@@ -271,8 +243,7 @@ pub fn device_count() -> usize {
     if !driver_present() {
         return 0;
     }
-    std::panic::catch_unwind(|| CudaContext::device_count().map_or(0, |n| n.max(0) as usize))
-        .unwrap_or(0)
+    std::panic::catch_unwind(|| CudaContext::device_count().map_or(0, |n| n.max(0) as usize)).unwrap_or(0)
 }
 
 // ---------------------------------------------------------------- workspace
@@ -313,24 +284,16 @@ impl Workspace {
         counters: usize,
         floats: usize,
     ) -> Result<&'a mut Workspace> {
-        let fits = slot
-            .as_ref()
-            .is_some_and(|w| w.counter_cap >= counters && w.float_cap >= floats);
+        let fits = slot.as_ref().is_some_and(|w| w.counter_cap >= counters && w.float_cap >= floats);
         if !fits {
-            let (c0, f0) = slot
-                .as_ref()
-                .map_or((0, 0), |w| (w.counter_cap, w.float_cap));
+            let (c0, f0) = slot.as_ref().map_or((0, 0), |w| (w.counter_cap, w.float_cap));
             let counter_cap = counters.max(c0).max(1024);
             let float_cap = floats.max(f0 + f0 / 2).max(16 * 1024);
             let bytes = counter_bytes(counter_cap) + float_cap * 4;
             let buf = stream
                 .alloc_zeros::<u8>(bytes)
                 .map_err(|e| cuda_err("allocating the workspace", format!("{bytes} bytes: {e}")))?;
-            *slot = Some(Workspace {
-                buf,
-                counter_cap,
-                float_cap,
-            });
+            *slot = Some(Workspace { buf, counter_cap, float_cap });
         }
         Ok(slot.as_mut().expect("just set"))
     }
@@ -345,14 +308,7 @@ impl Workspace {
         let counter_region = counter_bytes(self.counter_cap) as u64;
         let (base, guard) = self.buf.device_ptr_mut(stream);
         let params = base + counter_region;
-        (
-            WorkspacePtrs {
-                counters: base,
-                params,
-                partials: params + (params_floats * 4) as u64,
-            },
-            guard,
-        )
+        (WorkspacePtrs { counters: base, params, partials: params + (params_floats * 4) as u64 }, guard)
     }
 }
 

@@ -44,56 +44,32 @@ struct DevBuf<'a> {
 }
 
 fn wrong_device(name: &'static str, s: &CudaStream, found: String) -> Error {
-    Error::WrongDevice {
-        arg: name,
-        expected: format!("cuda:{}", s.context().ordinal()),
-        found,
-    }
+    Error::WrongDevice { arg: name, expected: format!("cuda:{}", s.context().ordinal()), found }
 }
 
 fn input<'a, T>(name: &'static str, b: &'a Buf<'_, T>, s: &'a CudaStream) -> Result<DevBuf<'a>> {
     match b {
         Buf::Cuda(v) => {
             let (ptr, sync) = v.device_ptr(s);
-            Ok(DevBuf {
-                name,
-                ptr,
-                bytes: (v.len() * size_of::<T>()) as u64,
-                written: false,
-                _sync: sync,
-            })
+            Ok(DevBuf { name, ptr, bytes: (v.len() * size_of::<T>()) as u64, written: false, _sync: sync })
         }
         Buf::Host(_) => Err(wrong_device(name, s, b.location().to_string())),
     }
 }
 
-fn output<'a, T>(
-    name: &'static str,
-    b: &'a mut BufMut<'_, T>,
-    s: &'a CudaStream,
-) -> Result<DevBuf<'a>> {
+fn output<'a, T>(name: &'static str, b: &'a mut BufMut<'_, T>, s: &'a CudaStream) -> Result<DevBuf<'a>> {
     let found = b.location().to_string();
     match b {
         BufMut::Cuda(v) => {
             let bytes = (v.len() * size_of::<T>()) as u64;
             let (ptr, sync) = v.device_ptr_mut(s);
-            Ok(DevBuf {
-                name,
-                ptr,
-                bytes,
-                written: true,
-                _sync: sync,
-            })
+            Ok(DevBuf { name, ptr, bytes, written: true, _sync: sync })
         }
         BufMut::Host(_) => Err(wrong_device(name, s, found)),
     }
 }
 
-fn opt_input<'a, T>(
-    name: &'static str,
-    b: Option<&'a Buf<'_, T>>,
-    s: &'a CudaStream,
-) -> Result<Option<DevBuf<'a>>> {
+fn opt_input<'a, T>(name: &'static str, b: Option<&'a Buf<'_, T>>, s: &'a CudaStream) -> Result<Option<DevBuf<'a>>> {
     b.map(|b| input(name, b, s)).transpose()
 }
 
@@ -118,12 +94,7 @@ fn check_aliasing(bufs: &[Option<&DevBuf<'_>>]) -> Result<()> {
         }
         for (j, b) in bufs.iter().enumerate() {
             if i != j {
-                validate::disjoint(
-                    a.name,
-                    Some((a.ptr, a.ptr + a.bytes)),
-                    b.name,
-                    Some((b.ptr, b.ptr + b.bytes)),
-                )?;
+                validate::disjoint(a.name, Some((a.ptr, a.ptr + a.bytes)), b.name, Some((b.ptr, b.ptr + b.bytes)))?;
             }
         }
     }
@@ -166,9 +137,7 @@ fn launch(d: &CudaDevice, family: Family, name: &str, geo: Geometry, args: &BnAr
     // buffers `C`, the workspace the sizes `Workspace::ensure` was asked for. Outputs
     // overlap nothing (`check_aliasing`). `geo` comes from `launch::plan_*`, within CUDA's
     // limits (256 threads, gridDim.y <= 65535, dynamic shared memory < 48 KiB).
-    unsafe { b.launch(geo.config()) }
-        .map(|_| ())
-        .map_err(|e| cuda_err("cuLaunchKernel", format!("{name}: {e}")))
+    unsafe { b.launch(geo.config()) }.map(|_| ()).map_err(|e| cuda_err("cuLaunchKernel", format!("{name}: {e}")))
 }
 
 fn fusion_flags(cfg: &Config, residual: bool) -> u32 {
@@ -191,16 +160,7 @@ pub(crate) fn forward_training<T: Element>(
     a: ForwardTraining<'_, T>,
 ) -> Result<()> {
     let s = &**d.stream();
-    let ForwardTraining {
-        x,
-        residual,
-        mut y,
-        weight,
-        bias,
-        running,
-        mut saved_mean,
-        mut saved_invstd,
-    } = a;
+    let ForwardTraining { x, residual, mut y, weight, bias, running, mut saved_mean, mut saved_invstd } = a;
     let (mut rm, mut rv, tracked) = match running {
         Some(r) => (Some(r.mean), Some(r.var), Some(r.num_batches_tracked)),
         None => (None, None, None),
@@ -285,15 +245,7 @@ pub(crate) fn forward_inference<T: Element>(
     a: ForwardInference<'_, T>,
 ) -> Result<()> {
     let s = &**d.stream();
-    let ForwardInference {
-        x,
-        residual,
-        mut y,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-    } = a;
+    let ForwardInference { x, residual, mut y, weight, bias, running_mean, running_var } = a;
     let bx = input("x", &x, s)?;
     let bz = opt_input("residual", residual.as_ref(), s)?;
     let by = output("y", &mut y, s)?;
@@ -301,15 +253,7 @@ pub(crate) fn forward_inference<T: Element>(
     let bb = opt_input("bias", bias.as_ref(), s)?;
     let brm = input("running_mean", &running_mean, s)?;
     let brv = input("running_var", &running_var, s)?;
-    check_aliasing(&[
-        Some(&bx),
-        bz.as_ref(),
-        Some(&by),
-        bw.as_ref(),
-        bb.as_ref(),
-        Some(&brm),
-        Some(&brv),
-    ])?;
+    check_aliasing(&[Some(&bx), bz.as_ref(), Some(&by), bw.as_ref(), bb.as_ref(), Some(&brm), Some(&brv)])?;
 
     let p = shape.pattern();
     let eb = size_of::<T>();
@@ -323,41 +267,20 @@ pub(crate) fn forward_inference<T: Element>(
     args.bias = addr(&bb);
     args.running_mean = brm.ptr;
     args.running_var = brv.ptr;
-    args.flags = fusion_flags(cfg, bz.is_some())
-        | flags::FROM_RUNNING
-        | if vec { flags::VEC } else { 0 };
+    args.flags = fusion_flags(cfg, bz.is_some()) | flags::FROM_RUNNING | if vec { flags::VEC } else { 0 };
     let name = kernel_name(Family::FwdNorm, p, T::DTYPE, launch::wide_index(shape.numel()));
     launch(d, Family::FwdNorm, &name, launch::plan_elementwise(d.caps(), p, v), &args)
 }
 
 // ---------------------------------------------------------------- backward
 
-pub(crate) fn backward<T: Element>(
-    d: &CudaDevice,
-    shape: &Shape,
-    cfg: &Config,
-    a: Backward<'_, T>,
-) -> Result<()> {
+pub(crate) fn backward<T: Element>(d: &CudaDevice, shape: &Shape, cfg: &Config, a: Backward<'_, T>) -> Result<()> {
     let s = &**d.stream();
-    let Backward {
-        x,
-        y,
-        dy,
-        mut dx,
-        mut dz,
-        weight,
-        stats,
-        mut dweight,
-        mut dbias,
-    } = a;
+    let Backward { x, y, dy, mut dx, mut dz, weight, stats, mut dweight, mut dbias } = a;
     let training = matches!(stats, BackwardStats::Saved { .. });
     let (bmean, bspread) = match &stats {
-        BackwardStats::Saved { mean, invstd } => {
-            (input("saved_mean", mean, s)?, input("saved_invstd", invstd, s)?)
-        }
-        BackwardStats::Running { mean, var } => {
-            (input("running_mean", mean, s)?, input("running_var", var, s)?)
-        }
+        BackwardStats::Saved { mean, invstd } => (input("saved_mean", mean, s)?, input("saved_invstd", invstd, s)?),
+        BackwardStats::Running { mean, var } => (input("running_mean", mean, s)?, input("running_var", var, s)?),
     };
     let bx = input("x", &x, s)?;
     let by = opt_input("y", y.as_ref(), s)?;
@@ -382,11 +305,7 @@ pub(crate) fn backward<T: Element>(
 
     let p = shape.pattern();
     let eb = size_of::<T>();
-    let vec = launch::use_vectors(
-        p,
-        eb,
-        &[bx.ptr, bdy.ptr, bdx.ptr, addr(&by), addr(&bdz)],
-    );
+    let vec = launch::use_vectors(p, eb, &[bx.ptr, bdy.ptr, bdx.ptr, addr(&by), addr(&bdz)]);
     let v = launch::step_elems(p, eb, vec);
     let wide = launch::wide_index(shape.numel());
     let relu = cfg.activation == Activation::Relu;

@@ -80,28 +80,15 @@ pub(crate) fn kernel_name(family: Family, p: Pattern, dtype: DType, wide: bool) 
         Pattern::Planes { .. } => "nchw",
         Pattern::Rows { .. } => "nhwc",
     };
-    format!(
-        "{}_{layout}_{}{}",
-        family.stem(),
-        dtype.name(),
-        if wide { "_i64" } else { "" }
-    )
+    format!("{}_{layout}_{}{}", family.stem(), dtype.name(), if wide { "_i64" } else { "" })
 }
 
 /// Every entry point the Rust side can ask for.
 #[cfg(test)]
 pub(crate) fn all_kernel_names() -> Vec<(Family, String)> {
     let mut v = Vec::new();
-    for f in [
-        Family::FwdStats,
-        Family::FwdNorm,
-        Family::BwdReduce,
-        Family::BwdDx,
-    ] {
-        for p in [
-            Pattern::Planes { n: 1, c: 1, s: 2 },
-            Pattern::Rows { rows: 2, c: 1 },
-        ] {
+    for f in [Family::FwdStats, Family::FwdNorm, Family::BwdReduce, Family::BwdDx] {
+        for p in [Pattern::Planes { n: 1, c: 1, s: 2 }, Pattern::Rows { rows: 2, c: 1 }] {
             for d in DType::ALL {
                 for wide in [false, true] {
                     v.push((f, kernel_name(f, p, d, wide)));
@@ -129,19 +116,14 @@ impl Registry {
     }
 
     fn module(&self, name: &str) -> Result<Arc<CudaModule>> {
-        let i = MODULES
-            .iter()
-            .position(|m| m.name == name)
-            .ok_or_else(|| Error::Cuda {
-                context: "loading kernels",
-                message: format!("module `{name}` is not embedded in this build"),
-            })?;
+        let i = MODULES.iter().position(|m| m.name == name).ok_or_else(|| Error::Cuda {
+            context: "loading kernels",
+            message: format!("module `{name}` is not embedded in this build"),
+        })?;
         self.modules[i]
             .get_or_init(|| {
                 let image = cudarc::nvrtc::Ptx::from_binary(MODULES[i].fatbin.to_vec());
-                self.ctx
-                    .load_module(image)
-                    .map_err(|e| cuda_err("cuModuleLoadData", format!("module `{name}`: {e}")))
+                self.ctx.load_module(image).map_err(|e| cuda_err("cuModuleLoadData", format!("module `{name}`: {e}")))
             })
             .clone()
     }
@@ -169,22 +151,10 @@ mod tests {
     fn names_say_what_they_compute() {
         let cf = Pattern::Planes { n: 2, c: 3, s: 4 };
         let cl = Pattern::Rows { rows: 8, c: 3 };
-        assert_eq!(
-            kernel_name(Family::FwdStats, cf, DType::F16, false),
-            "bn_fwd_stats_nchw_f16"
-        );
-        assert_eq!(
-            kernel_name(Family::FwdStats, cl, DType::BF16, false),
-            "bn_fwd_stats_nhwc_bf16"
-        );
-        assert_eq!(
-            kernel_name(Family::BwdReduce, cl, DType::F32, true),
-            "bn_bwd_reduce_nhwc_f32_i64"
-        );
-        assert_eq!(
-            kernel_name(Family::BwdDx, cf, DType::F32, false),
-            "bn_bwd_dx_nchw_f32"
-        );
+        assert_eq!(kernel_name(Family::FwdStats, cf, DType::F16, false), "bn_fwd_stats_nchw_f16");
+        assert_eq!(kernel_name(Family::FwdStats, cl, DType::BF16, false), "bn_fwd_stats_nhwc_bf16");
+        assert_eq!(kernel_name(Family::BwdReduce, cl, DType::F32, true), "bn_bwd_reduce_nhwc_f32_i64");
+        assert_eq!(kernel_name(Family::BwdDx, cf, DType::F32, false), "bn_bwd_dx_nchw_f32");
         assert_eq!(all_kernel_names().len(), 48);
     }
 
@@ -192,28 +162,12 @@ mod tests {
     #[test]
     fn every_kernel_is_defined_where_it_is_looked_up() {
         for (family, name) in all_kernel_names() {
-            let path = format!(
-                "{}/kernels/{}.cu",
-                env!("CARGO_MANIFEST_DIR"),
-                family.module()
-            );
+            let path = format!("{}/kernels/{}.cu", env!("CARGO_MANIFEST_DIR"), family.module());
             let src = std::fs::read_to_string(&path).unwrap();
             // Entry points come from a macro: `BN_..._KERNEL <stem>_<layout>_##tag[##_i64]`.
-            let stem = name
-                .trim_end_matches("_i64")
-                .rsplit_once('_')
-                .map(|(s, _)| s)
-                .unwrap()
-                .to_string();
-            let suffix = if name.ends_with("_i64") {
-                "##tag##_i64("
-            } else {
-                "##tag("
-            };
-            assert!(
-                src.contains(&format!("{stem}_{suffix}")),
-                "{name} not defined in {path}"
-            );
+            let stem = name.trim_end_matches("_i64").rsplit_once('_').map(|(s, _)| s).unwrap().to_string();
+            let suffix = if name.ends_with("_i64") { "##tag##_i64(" } else { "##tag(" };
+            assert!(src.contains(&format!("{stem}_{suffix}")), "{name} not defined in {path}");
         }
     }
 

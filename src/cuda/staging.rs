@@ -24,14 +24,11 @@ fn bytes<T: Element>(h: &[T]) -> &[u8] {
 fn bytes_mut<T: Element>(h: &mut [T]) -> &mut [u8] {
     // SAFETY: as `bytes`; in addition every bit pattern is a valid f32 / f16 / bf16, so
     // whatever the device writes through this view leaves the slice valid.
-    unsafe {
-        std::slice::from_raw_parts_mut(h.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(h))
-    }
+    unsafe { std::slice::from_raw_parts_mut(h.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(h)) }
 }
 
 fn up<T: Element>(s: &Arc<CudaStream>, h: &[T]) -> Result<CudaSlice<u8>> {
-    s.clone_htod(bytes(h))
-        .map_err(|e| cuda_err("staging: host to device copy", e))
+    s.clone_htod(bytes(h)).map_err(|e| cuda_err("staging: host to device copy", e))
 }
 
 fn view<T>(b: &CudaSlice<u8>, len: usize) -> CudaView<'_, T> {
@@ -46,13 +43,11 @@ fn view_mut<T>(b: &mut CudaSlice<u8>, len: usize) -> CudaViewMut<'_, T> {
 }
 
 fn down<T: Element>(s: &Arc<CudaStream>, d: &CudaSlice<u8>, h: &mut [T]) -> Result<()> {
-    s.memcpy_dtoh(d, bytes_mut(h))
-        .map_err(|e| cuda_err("staging: device to host copy", e))
+    s.memcpy_dtoh(d, bytes_mut(h)).map_err(|e| cuda_err("staging: device to host copy", e))
 }
 
 fn sync(s: &Arc<CudaStream>) -> Result<()> {
-    s.synchronize()
-        .map_err(|e| cuda_err("staging: stream synchronize", e))
+    s.synchronize().map_err(|e| cuda_err("staging: stream synchronize", e))
 }
 
 fn host<'a, T>(arg: &'static str, b: &Buf<'a, T>) -> Result<&'a [T]> {
@@ -69,11 +64,7 @@ fn host<'a, T>(arg: &'static str, b: &Buf<'a, T>) -> Result<&'a [T]> {
 
 fn host_mut<'a, T>(arg: &'static str, b: BufMut<'a, T>) -> Result<&'a mut [T]> {
     let found = b.location().to_string();
-    b.into_host().ok_or_else(|| Error::WrongDevice {
-        arg,
-        expected: "host memory (staging)".into(),
-        found,
-    })
+    b.into_host().ok_or_else(|| Error::WrongDevice { arg, expected: "host memory (staging)".into(), found })
 }
 
 /// Training forward with host buffers (the harness's call; arguments as its call site).
@@ -180,12 +171,8 @@ pub(crate) fn backward<T: Element>(
     let dy = host("dy", &a.dy)?;
     let w = a.weight.as_ref().map(|w| host("weight", w)).transpose()?;
     let (saved, m, sv) = match &a.stats {
-        BackwardStats::Saved { mean, invstd } => {
-            (true, host("saved_mean", mean)?, host("saved_invstd", invstd)?)
-        }
-        BackwardStats::Running { mean, var } => {
-            (false, host("running_mean", mean)?, host("running_var", var)?)
-        }
+        BackwardStats::Saved { mean, invstd } => (true, host("saved_mean", mean)?, host("saved_invstd", invstd)?),
+        BackwardStats::Running { mean, var } => (false, host("running_mean", mean)?, host("running_var", var)?),
     };
     let dxh = host_mut("dx", a.dx)?;
     let dzh = a.dz.map(|d| host_mut("dz", d)).transpose()?;
@@ -204,15 +191,9 @@ pub(crate) fn backward<T: Element>(
     let mut d_dw = dwh.as_deref().map(|d| up(s, d)).transpose()?;
     let mut d_db = dbh.as_deref().map(|d| up(s, d)).transpose()?;
     let stats = if saved {
-        BackwardStats::Saved {
-            mean: Buf::Cuda(view::<f32>(&d_m, c)),
-            invstd: Buf::Cuda(view::<f32>(&d_sv, c)),
-        }
+        BackwardStats::Saved { mean: Buf::Cuda(view::<f32>(&d_m, c)), invstd: Buf::Cuda(view::<f32>(&d_sv, c)) }
     } else {
-        BackwardStats::Running {
-            mean: Buf::Cuda(view::<f32>(&d_m, c)),
-            var: Buf::Cuda(view::<f32>(&d_sv, c)),
-        }
+        BackwardStats::Running { mean: Buf::Cuda(view::<f32>(&d_m, c)), var: Buf::Cuda(view::<f32>(&d_sv, c)) }
     };
     let d = Backward {
         x: Buf::Cuda(view::<T>(&d_x, n)),
