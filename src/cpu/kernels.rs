@@ -190,12 +190,24 @@ fn fold_lanes<S: Simd>(s: S, steps: u32, mean: S::V, m2: S::V, total: &mut Momen
 
 // ---------------------------------------------------------------- moments over rows
 
-/// Welford moments of every channel of a block of rows (`[rows][C]`).
+/// Accumulator sets a rows kernel interleaves (row `r` goes to set `r % sets`): the
+/// update of channel j in row r waits on the same channel's update in row r - 1 through
+/// memory (a store-to-load chain of ~20 cycles); with few channels per row there are too
+/// few independent chains to hide it, so small C gets several sets, bounded to ~16 KiB of
+/// accumulators so they stay in L1.
+pub(crate) fn row_sets(c: usize) -> usize {
+    (2048 / c.max(1)).clamp(1, 4)
+}
+
+/// Welford moments of every channel of a block of rows (`[rows][C]`), in `sets`
+/// interleaved accumulator sets.
 pub(crate) struct RowMoments {
+    c: usize,
     shift: Vec<f32>,
+    /// `sets * c` running means and m2, set-major
     mean: Vec<f32>,
     m2: Vec<f32>,
-    steps: u32,
+    steps: Vec<u32>,
     pub(crate) total: Vec<Moments>,
 }
 
@@ -203,23 +215,34 @@ impl RowMoments {
     /// Accumulators for `shift.len()` channels; `shift` holds one value of each channel.
     pub(crate) fn new(shift: Vec<f32>) -> Self {
         let c = shift.len();
-        RowMoments { shift, mean: vec![0.0; c], m2: vec![0.0; c], steps: 0, total: vec![Moments::default(); c] }
+        let sets = row_sets(c);
+        RowMoments {
+            c,
+            shift,
+            mean: vec![0.0; sets * c],
+            m2: vec![0.0; sets * c],
+            steps: vec![0; sets],
+            total: vec![Moments::default(); c],
+        }
     }
 
-    fn flush(&mut self) {
-        let n = self.steps as f64;
-        for ((t, m), q) in self.total.iter_mut().zip(&mut self.mean).zip(&mut self.m2) {
+    fn flush(&mut self, set: usize) {
+        let n = self.steps[set] as f64;
+        let range = set * self.c..(set + 1) * self.c;
+        for ((t, m), q) in self.total.iter_mut().zip(&mut self.mean[range.clone()]).zip(&mut self.m2[range]) {
             t.merge(&Moments { count: n, mean: *m as f64, m2: *q as f64 });
             *m = 0.0;
             *q = 0.0;
         }
-        self.steps = 0;
+        self.steps[set] = 0;
     }
 
     /// The moments per channel (the shifts added back).
     pub(crate) fn finish(mut self) -> Vec<Moments> {
-        if self.steps > 0 {
-            self.flush();
+        for set in 0..self.steps.len() {
+            if self.steps[set] > 0 {
+                self.flush(set);
+            }
         }
         for (t, &k) in self.total.iter_mut().zip(&self.shift) {
             t.mean += k as f64;
@@ -239,14 +262,17 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
         let acc = self.acc;
-        let c = acc.mean.len();
+        let c = acc.c;
+        let sets = acc.steps.len();
         let l = S::LANES;
         let cv = c - c % l;
-        for row in self.x.chunks_exact(c) {
-            acc.steps += 1;
-            let inv1 = RECIP[acc.steps as usize];
+        for (r, row) in self.x.chunks_exact(c).enumerate() {
+            let set = r % sets;
+            acc.steps[set] += 1;
+            let inv1 = RECIP[acc.steps[set] as usize];
             let inv = s.splat(inv1);
-            let (mv, qv, kv) = (&mut acc.mean[..], &mut acc.m2[..], &acc.shift[..]);
+            let base = set * c;
+            let (mv, qv, kv) = (&mut acc.mean[base..base + c], &mut acc.m2[base..base + c], &acc.shift[..]);
             for j in (0..cv).step_by(l) {
                 let v = s.sub(s.load(&row[j..]), s.load_f32(&kv[j..]));
                 let m = s.load_f32(&mv[j..]);
@@ -262,8 +288,8 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
                 mv[j] += d * inv1;
                 qv[j] += d * (v - mv[j]);
             }
-            if acc.steps == FLUSH_STEPS {
-                acc.flush();
+            if acc.steps[set] == FLUSH_STEPS {
+                acc.flush(set);
             }
         }
     }
@@ -561,33 +587,38 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
         let cv = c - c % l;
         let (m_hi, m_lo): (Vec<f32>, Vec<f64>) = self.mean.iter().map(|&m| split_mean::<T>(m)).unzip();
         let mean = &m_hi[..];
-        let mut sg = vec![0.0f32; c];
-        let mut sgx = vec![0.0f32; c];
+        // interleaved accumulator sets, as in `RowMoments`
+        let sets = row_sets(c);
+        let mut sg = vec![0.0f32; sets * c];
+        let mut sgx = vec![0.0f32; sets * c];
         let mut out = vec![GradSums::default(); c];
-        let mut steps = 0u32;
         let fold = |sg: &mut [f32], sgx: &mut [f32], out: &mut [GradSums]| {
-            for ((o, a), b) in out.iter_mut().zip(sg.iter_mut()).zip(sgx.iter_mut()) {
-                o.g += *a as f64;
-                o.gx += *b as f64;
-                *a = 0.0;
-                *b = 0.0;
+            for (a, b) in sg.chunks_exact_mut(c).zip(sgx.chunks_exact_mut(c)) {
+                for ((o, a), b) in out.iter_mut().zip(a.iter_mut()).zip(b.iter_mut()) {
+                    o.g += *a as f64;
+                    o.gx += *b as f64;
+                    *a = 0.0;
+                    *b = 0.0;
+                }
             }
         };
         let rows = self.x.len() / c;
         for r in 0..rows {
             let (xr, dyr) = (&self.x[r * c..][..c], &self.dy[r * c..][..c]);
             let yr = self.y.map(|y| &y[r * c..][..c]);
+            let base = (r % sets) * c;
+            let (ag, agx) = (&mut sg[base..base + c], &mut sgx[base..base + c]);
             for j in (0..cv).step_by(l) {
                 let dy = s.load(&dyr[j..]);
                 let g = match yr {
                     Some(y) => s.where_positive(s.load(&y[j..]), dy),
                     None => dy,
                 };
-                let a = s.add(s.load_f32(&sg[j..]), g);
+                let a = s.add(s.load_f32(&ag[j..]), g);
                 let xc = s.sub(s.load(&xr[j..]), s.load_f32(&mean[j..]));
-                let b = s.fma(g, xc, s.load_f32(&sgx[j..]));
-                s.store_f32(&mut sg[j..], a);
-                s.store_f32(&mut sgx[j..], b);
+                let b = s.fma(g, xc, s.load_f32(&agx[j..]));
+                s.store_f32(&mut ag[j..], a);
+                s.store_f32(&mut agx[j..], b);
             }
             for j in cv..c {
                 let dy = dyr[j].to_f32();
@@ -595,13 +626,11 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
                     Some(y) if y[j].to_f32() <= 0.0 => 0.0,
                     _ => dy,
                 };
-                sg[j] += g;
-                sgx[j] += g * (xr[j].to_f32() - mean[j]);
+                ag[j] += g;
+                agx[j] += g * (xr[j].to_f32() - mean[j]);
             }
-            steps += 1;
-            if steps == SUM_FLUSH_STEPS {
+            if (r + 1) % (SUM_FLUSH_STEPS as usize * sets) == 0 {
                 fold(&mut sg, &mut sgx, &mut out);
-                steps = 0;
             }
         }
         fold(&mut sg, &mut sgx, &mut out);
