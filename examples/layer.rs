@@ -6,10 +6,8 @@ use bnorm::{bf16, Activation, BatchNorm, RunningStats, Shape, StateValue};
 
 fn main() -> bnorm::Result<()> {
     // nn.BatchNorm2d(64, momentum=None) followed by a fused ReLU
-    let mut bn = BatchNorm::builder(64)
-        .running_stats(RunningStats::CumulativeAverage)
-        .activation(Activation::Relu)
-        .build()?;
+    let mut bn =
+        BatchNorm::builder(64).running_stats(RunningStats::CumulativeAverage).activation(Activation::Relu).build()?;
     println!("layer on {}", bn.device());
     let shape = Shape::channels_first(&[8, 64, 28, 28])?;
     let x: Vec<bf16> = (0..shape.numel()).map(|i| bf16::from_f32((i % 97) as f32 * 0.1)).collect();

@@ -2,7 +2,8 @@
 //! feature) views of device memory. Every op checks that all of its buffers live where the
 //! chosen [`Device`](crate::Device) runs, before it touches any of them.
 //!
-//! Host buffers convert with `.into()` from `&[T]`, `&Vec<T>`, `&mut [T]` and `&mut Vec<T>`.
+//! Host buffers convert with `.into()` from `&[T]`, `&Vec<T>`, `&mut [T]` and `&mut Vec<T>`;
+//! device buffers from `&CudaSlice<T>`, `CudaView`, `&mut CudaSlice<T>` and `CudaViewMut`.
 
 use std::fmt;
 
@@ -139,5 +140,32 @@ impl<'a, T> From<&'a mut Vec<T>> for BufMut<'a, T> {
 impl<'a, T, const N: usize> From<&'a mut [T; N]> for BufMut<'a, T> {
     fn from(s: &'a mut [T; N]) -> Self {
         BufMut::Host(s)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_conversions {
+    use super::{Buf, BufMut};
+    use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+    impl<'a, T> From<&'a CudaSlice<T>> for Buf<'a, T> {
+        fn from(s: &'a CudaSlice<T>) -> Self {
+            Buf::Cuda(s.as_view())
+        }
+    }
+    impl<'a, T> From<CudaView<'a, T>> for Buf<'a, T> {
+        fn from(v: CudaView<'a, T>) -> Self {
+            Buf::Cuda(v)
+        }
+    }
+    impl<'a, T> From<&'a mut CudaSlice<T>> for BufMut<'a, T> {
+        fn from(s: &'a mut CudaSlice<T>) -> Self {
+            BufMut::Cuda(s.as_view_mut())
+        }
+    }
+    impl<'a, T> From<CudaViewMut<'a, T>> for BufMut<'a, T> {
+        fn from(v: CudaViewMut<'a, T>) -> Self {
+            BufMut::Cuda(v)
+        }
     }
 }

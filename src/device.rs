@@ -84,6 +84,14 @@ impl Device {
         })
     }
 
+    /// A CUDA device the caller set up, e.g. on their own stream with
+    /// [`CudaDevice::from_stream`](crate::cuda::CudaDevice::from_stream): the ops are then
+    /// enqueued on that stream.
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda(dev: crate::cuda::CudaDevice, reason: impl Into<String>) -> Device {
+        Device { backend: Backend::Cuda(dev), reason: reason.into() }
+    }
+
     /// What the spec asks for: `Auto` probes, `Cpu`/`Cuda(n)` are taken as given.
     pub fn from_spec(spec: DeviceSpec) -> Result<Device> {
         match spec {

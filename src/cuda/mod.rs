@@ -21,6 +21,8 @@ use launch::Caps;
 use registry::Registry;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The cudarc version bnorm is built against, for the caller's device buffers and streams.
+pub use cudarc;
 pub use registry::SASS_ARCHS;
 
 /// Whether `build.rs` compiled the kernels and embedded them in this build.
@@ -115,6 +117,7 @@ impl CudaDevice {
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc =
             ctx.compute_capability().map_err(|e| unavailable(requested.clone(), format!("compute capability: {e}")))?;
+        usable(cc, driver_version()).map_err(|reason| unavailable(requested.clone(), format!("{name}: {reason}")))?;
         let attr = |a: Attr| -> Result<i32> {
             ctx.attribute(a).map_err(|e| unavailable(requested.clone(), format!("{a:?}: {e}")))
         };
@@ -212,6 +215,24 @@ pub struct CudaInfo {
     pub sass_archs: &'static [u32],
     /// Whether this GPU runs precompiled SASS (else the driver JIT-compiles the PTX once).
     pub native_code: bool,
+}
+
+/// Whether the kernels can run on a GPU of compute capability `cc` with a driver for CUDA
+/// `driver` (major, minor): CUDA 13 code needs compute capability 7.5 and a CUDA 13 driver.
+/// Checked when a device is opened, so `Device::auto` falls back to the CPU instead of
+/// failing at the first op.
+fn usable(cc: (i32, i32), driver: Option<(i32, i32)>) -> std::result::Result<(), String> {
+    if cc < (7, 5) {
+        return Err(format!(
+            "compute capability {}.{} is below 7.5, the oldest the kernels (CUDA 13) support",
+            cc.0, cc.1
+        ));
+    }
+    match driver {
+        Some(v) if v >= (13, 0) => Ok(()),
+        Some(v) => Err(format!("the driver supports CUDA {}.{}; the kernels need a CUDA 13 driver (R580+)", v.0, v.1)),
+        None => Err("cannot read the driver version".into()),
+    }
 }
 
 /// Whether SASS for one of [`SASS_ARCHS`] runs on compute capability `major.minor`
@@ -321,6 +342,15 @@ mod tests {
         assert_eq!(counter_bytes(1), 256);
         assert_eq!(counter_bytes(64), 256);
         assert_eq!(counter_bytes(65), 512);
+    }
+
+    #[test]
+    fn old_gpus_and_drivers_are_refused() {
+        assert!(usable((9, 0), Some((13, 0))).is_ok());
+        assert!(usable((7, 5), Some((13, 1))).is_ok());
+        assert!(usable((7, 0), Some((13, 0))).unwrap_err().contains("7.0"));
+        assert!(usable((8, 0), Some((12, 8))).unwrap_err().contains("12.8"));
+        assert!(usable((8, 0), None).is_err());
     }
 
     #[test]

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Runs a bundle made by ci/gpu-bundle.sh on a machine with an NVIDIA GPU and no Rust
+# toolchain, and writes every log into one folder:
+#   nvidia-smi.txt, info.txt          the machine, `bnorm info`
+#   test-NAME.log                      every test executable, ignored (GPU) tests included
+#   check-cuda.txt                     `bnorm check --device cuda` (conformance table)
+#   bench-resnet50.txt / .json         `bnorm bench --device cuda --suite resnet50`
+#   sanitizer-memcheck.log             compute-sanitizer memcheck over GPU tests (if installed)
+#   sanitizer-racecheck.log            compute-sanitizer racecheck over GPU tests (if installed)
+#   summary.txt                        one line per step: status, seconds; NOT RUN lines
+# Every step has a time limit; the whole run stays under 6 minutes.
+#
+# Usage: ./gpu-run.sh [LOG_DIR]        (default: $OUT when set, else ./logs)
+# Exit status: 0 when every step that ran passed.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+logs="${1:-${OUT:-$here/logs}}"
+mkdir -p "$logs"
+summary="$logs/summary.txt"
+: >"$summary"
+start_all=$(date +%s)
+failed=0
+
+# The CLI's flags, in one place.
+CHECK_ARGS=(check --device cuda)
+BENCH_ARGS=(bench --device cuda --suite resnet50)
+# Tests the sanitizers run (tests/gpu.rs names; substrings): fast ones that cover every
+# kernel path between them: split reductions with the last-block merge, fused single-launch
+# paths, two-launch paths, vector and scalar, both layouts, all dtypes. Override with
+# MEMCHECK_TESTS / RACECHECK_TESTS (space-separated).
+read -r -a MEMCHECK_FILTER <<<"${MEMCHECK_TESTS:-split_reductions misaligned_views callers_stream}"
+read -r -a RACECHECK_FILTER <<<"${RACECHECK_TESTS:-split_reductions callers_stream}"
+
+note() { echo "$*" | tee -a "$summary"; }
+
+# step NAME LIMIT_SECONDS LOG CMD...: run with a time limit, log output, record status.
+step() {
+  local name="$1" limit="$2" log="$3"
+  shift 3
+  local t0=$(date +%s)
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  local dt=$(($(date +%s) - t0))
+  local status="ok"
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    status="TIMEOUT after ${limit}s"
+    failed=1
+  elif [[ $rc -ne 0 ]]; then
+    status="FAILED (exit $rc)"
+    failed=1
+  fi
+  note "$(printf '%-34s %-22s %4ss  %s' "$name" "$status" "$dt" "$(basename "$log")")"
+}
+
+cd "$here"
+export RUST_BACKTRACE=1
+
+{ nvidia-smi 2>&1 || echo "nvidia-smi not available"; } >"$logs/nvidia-smi.txt"
+if [[ -x ./bnorm ]]; then
+  step "bnorm info" 30 "$logs/info.txt" ./bnorm info
+fi
+
+# 1. every test executable, ignored tests included. GPU tests first: they matter most.
+mapfile -t tests < <(ls tests/ | sort)
+ordered=()
+for t in "${tests[@]}"; do [[ "$t" == gpu ]] && ordered+=("$t"); done
+for t in "${tests[@]}"; do [[ "$t" != gpu ]] && ordered+=("$t"); done
+for t in "${ordered[@]}"; do
+  limit=60
+  [[ "$t" == gpu ]] && limit=150
+  step "test $t" "$limit" "$logs/test-$t.log" "./tests/$t" --include-ignored
+done
+grep -h "NOT RUN:" "$logs"/test-*.log 2>/dev/null | sed 's/^/  /' | sort -u | tee -a "$summary"
+
+# 2. the command-line checks
+if [[ -x ./bnorm ]]; then
+  step "bnorm ${CHECK_ARGS[*]}" 60 "$logs/check-cuda.txt" ./bnorm "${CHECK_ARGS[@]}"
+  step "bnorm ${BENCH_ARGS[*]}" 75 "$logs/bench-resnet50.txt" ./bnorm "${BENCH_ARGS[@]}" --json "$logs/bench-resnet50.json"
+else
+  note "bnorm                              NOT RUN: no bnorm binary in the bundle"
+fi
+
+# 3. compute-sanitizer over the GPU tests
+sanitizer="$(command -v compute-sanitizer || true)"
+if [[ -z "$sanitizer" ]]; then
+  for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer /opt/cuda/bin/compute-sanitizer; do
+    [[ -x "$c" ]] && sanitizer="$c" && break
+  done
+fi
+if [[ -z "$sanitizer" ]]; then
+  note "compute-sanitizer                  NOT RUN: not installed on this machine"
+elif [[ ! -x tests/gpu ]]; then
+  note "compute-sanitizer                  NOT RUN: no tests/gpu in the bundle"
+else
+  for tool in memcheck racecheck; do
+    elapsed=$(($(date +%s) - start_all))
+    left=$((345 - elapsed))
+    if ((left < 30)); then
+      note "sanitizer $tool                   NOT RUN: time budget spent"
+      continue
+    fi
+    limit=$left
+    [[ "$tool" == memcheck ]] && limit=$((left * 6 / 10))
+    ((limit > 150)) && limit=150
+    args=(--tool "$tool" --error-exitcode 1)
+    filter=("${RACECHECK_FILTER[@]}")
+    if [[ "$tool" == memcheck ]]; then
+      args+=(--leak-check full)
+      filter=("${MEMCHECK_FILTER[@]}")
+    fi
+    step "sanitizer $tool" "$limit" "$logs/sanitizer-$tool.log" \
+      "$sanitizer" "${args[@]}" ./tests/gpu --include-ignored --test-threads 1 "${filter[@]}"
+  done
+fi
+
+note "total $(($(date +%s) - start_all))s; logs in $logs"
+if [[ $failed -ne 0 ]]; then
+  note "gpu-run: SOME STEPS FAILED"
+  exit 1
+fi
+note "gpu-run: all steps that ran passed"
