@@ -405,7 +405,7 @@ fn vector_span<S: Simd, T>(out: &[T], n: usize) -> (usize, usize) {
     let size = std::mem::size_of::<T>();
     let width = S::LANES * size;
     let misalign = out.as_ptr() as usize % width;
-    let lo = if misalign == 0 || misalign % size != 0 { 0 } else { ((width - misalign) / size).min(n) };
+    let lo = if misalign == 0 || !misalign.is_multiple_of(size) { 0 } else { ((width - misalign) / size).min(n) };
     (lo, lo + (n - lo) / S::LANES * S::LANES)
 }
 
@@ -802,6 +802,6 @@ impl<T: Element> Kernel for GradRows<'_, T> {
         };
         // spans shorter than a vector: grad_span runs them scalar
         grad_span(s, &self.inp, &mut *self.dx, dz.as_deref_mut(), 0, lo, map);
-        grad_span(s, &self.inp, &mut *self.dx, dz.as_deref_mut(), hi, n, map);
+        grad_span(s, &self.inp, self.dx, dz.as_deref_mut(), hi, n, map);
     }
 }
