@@ -802,6 +802,6 @@ impl<T: Element> Kernel for GradRows<'_, T> {
         };
         // spans shorter than a vector: grad_span runs them scalar
         grad_span(s, &self.inp, &mut *self.dx, dz.as_deref_mut(), 0, lo, map);
-        grad_span(s, &self.inp, self.dx, dz.as_deref_mut(), hi, n, map);
+        grad_span(s, &self.inp, self.dx, dz, hi, n, map);
     }
 }
