@@ -150,6 +150,21 @@ impl CaseResult {
     pub fn worst(&self) -> Option<&(&'static str, Comparison)> {
         self.outputs.iter().max_by(|a, b| a.1.worst_ratio.total_cmp(&b.1.worst_ratio))
     }
+
+    /// `label: output max_abs .. max_rel .. ratio .. at index` of the worst output.
+    pub fn describe_worst(&self) -> String {
+        match self.worst() {
+            Some((name, c)) => format!(
+                "{}: {name} max_abs {:.3e} max_rel {:.3e} ratio {:.2} at {}",
+                self.spec.label(),
+                c.max_abs,
+                c.max_rel,
+                c.worst_ratio,
+                c.worst_index
+            ),
+            None => format!("{}: no outputs", self.spec.label()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------- data
@@ -521,6 +536,19 @@ pub fn adversarial_suite(m: usize) -> Vec<CaseSpec> {
         }
     }
     out
+}
+
+/// One line per failing case (worst output, its errors and where); empty when all pass.
+/// Errors of the op itself count as failures, with the error text.
+pub fn failures(dev: &Device, cases: &[CaseSpec]) -> Vec<String> {
+    run_suite(dev, cases, |_| {})
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(r) if r.passed() => None,
+            Ok(r) => Some(r.describe_worst()),
+            Err((spec, e)) => Some(format!("{}: error {e}", spec.label())),
+        })
+        .collect()
 }
 
 /// Run every case, calling `progress` after each; errors of the op itself are reported

@@ -8,7 +8,7 @@
 //! it has then verified nothing (ci/gpu-run.sh reports such lines).
 #![cfg(feature = "cuda")]
 
-use bnorm::check::{adversarial_suite, run_suite, standard_suite, CaseResult, CaseSpec};
+use bnorm::check::{adversarial_suite, failures, standard_suite, CaseSpec};
 use bnorm::cuda::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use bnorm::cuda::CudaDevice;
 use bnorm::ops::{self, Backward, ForwardInference, ForwardTraining};
@@ -22,29 +22,6 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits + Default> DevElem for T {}
 
 fn gpu() -> Device {
     Device::cuda(0).expect("cuda:0 (these tests need an NVIDIA GPU and a build with the kernels)")
-}
-
-fn describe(r: &CaseResult) -> String {
-    let (name, c) = r.worst().unwrap();
-    format!(
-        "{}: {name} max_abs {:.3e} max_rel {:.3e} ratio {:.2} at {}",
-        r.spec.label(),
-        c.max_abs,
-        c.max_rel,
-        c.worst_ratio,
-        c.worst_index
-    )
-}
-
-fn failures(dev: &Device, cases: &[CaseSpec]) -> Vec<String> {
-    run_suite(dev, cases, |_| {})
-        .into_iter()
-        .filter_map(|r| match r {
-            Ok(r) if r.passed() => None,
-            Ok(r) => Some(describe(&r)),
-            Err((spec, e)) => Some(format!("{}: error {e}", spec.label())),
-        })
-        .collect()
 }
 
 fn assert_suite(cases: Vec<CaseSpec>) {
