@@ -467,11 +467,15 @@ fn cpu_forward_inference<T: Element>(
     let rm = host("running_mean", a.running_mean)?;
     let rv = host("running_var", a.running_var)?;
     let c = shape.c();
-    let scale: Vec<f32> =
-        (0..c).map(|ch| (w.map_or(1.0, |w| w[ch] as f64) * invstd(rv[ch] as f64, cfg.eps)) as f32).collect();
-    let shift: Vec<f32> = (0..c).map(|ch| b.map_or(0.0, |b| b[ch])).collect();
+    let maps: Vec<cpu::ChannelAffine> = (0..c)
+        .map(|ch| cpu::ChannelAffine {
+            mean: rm[ch],
+            scale: (w.map_or(1.0, |w| w[ch] as f64) * invstd(rv[ch] as f64, cfg.eps)) as f32,
+            shift: b.map_or(0.0, |b| b[ch]),
+        })
+        .collect();
     let relu = cfg.activation == Activation::Relu;
-    cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, rm, &scale, &shift);
+    cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, &maps);
     Ok(())
 }
 

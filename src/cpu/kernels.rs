@@ -334,32 +334,133 @@ pub(crate) struct ChannelAffine {
     pub shift: f32,
 }
 
-/// Kernel: normalize a list of runs, each with its channel's map.
-pub(crate) struct NormalizeRuns<'a, 'b, T> {
-    /// (x run, z run if fused add, y run, channel map)
-    pub runs: &'b mut [NormRun<'a, T>],
-    pub relu: bool,
-}
-
-pub(crate) struct NormRun<'a, T> {
+/// A stretch of channels-first memory made of consecutive runs (planes) of `run` values:
+/// run `r` of the slab belongs to channel `(first + r) % C`.
+pub(crate) struct NormSlab<'a, T> {
     pub x: &'a [T],
     pub z: Option<&'a [T]>,
     pub y: &'a mut [T],
-    pub map: ChannelAffine,
+    pub first: usize,
 }
 
-impl<T: Element> Kernel for NormalizeRuns<'_, '_, T> {
+/// Kernel: normalize slabs of runs with per-channel maps.
+pub(crate) struct NormalizeSlabs<'a, 'b, T> {
+    pub slabs: &'b mut [NormSlab<'a, T>],
+    /// values per run (the spatial size)
+    pub run: usize,
+    /// one map per channel
+    pub maps: &'b [ChannelAffine],
+    pub relu: bool,
+}
+
+impl<T: Element> Kernel for NormalizeSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        for r in self.runs.iter_mut() {
-            match (r.z, self.relu) {
-                (None, false) => norm_run::<S, T, false, false>(s, r.x, r.x, r.y, r.map),
-                (None, true) => norm_run::<S, T, false, true>(s, r.x, r.x, r.y, r.map),
-                (Some(z), false) => norm_run::<S, T, true, false>(s, r.x, z, r.y, r.map),
-                (Some(z), true) => norm_run::<S, T, true, true>(s, r.x, z, r.y, r.map),
+        for sl in self.slabs.iter_mut() {
+            let z = sl.z;
+            match (z, self.relu) {
+                (None, false) => norm_slab::<S, T, false, false>(s, sl, sl.x, self.run, self.maps),
+                (None, true) => norm_slab::<S, T, false, true>(s, sl, sl.x, self.run, self.maps),
+                (Some(z), false) => norm_slab::<S, T, true, false>(s, sl, z, self.run, self.maps),
+                (Some(z), true) => norm_slab::<S, T, true, true>(s, sl, z, self.run, self.maps),
             }
         }
+    }
+}
+
+/// Splatted per-run parameters along a stream of consecutive runs of `run >= LANES` values:
+/// a vector lies in one run or straddles two, whose parameters it blends.
+struct RunParams<S: Simd, const K: usize> {
+    run: usize,
+    /// run index and offset of the next vector's first element
+    r: usize,
+    o: usize,
+    /// the run whose parameters `cur` holds
+    cur_r: usize,
+    cur: [S::V; K],
+}
+
+impl<S: Simd, const K: usize> RunParams<S, K> {
+    #[inline(always)]
+    fn new(s: S, run: usize, start: usize, get: &impl Fn(usize) -> [f32; K]) -> Self {
+        let r = start / run;
+        let p = get(r);
+        RunParams { run, r, o: start % run, cur_r: r, cur: std::array::from_fn(|i| s.splat(p[i])) }
+    }
+
+    /// Parameters of the next `LANES` values, then advance past them.
+    #[inline(always)]
+    fn next(&mut self, s: S, get: &impl Fn(usize) -> [f32; K]) -> [S::V; K] {
+        let l = S::LANES;
+        if self.cur_r != self.r {
+            let p = get(self.r);
+            self.cur = std::array::from_fn(|i| s.splat(p[i]));
+            self.cur_r = self.r;
+        }
+        let out = if self.o + l <= self.run {
+            self.cur
+        } else {
+            let p = get(self.r + 1);
+            let k = self.run - self.o;
+            std::array::from_fn(|i| s.select_first(k, self.cur[i], s.splat(p[i])))
+        };
+        self.o += l;
+        if self.o >= self.run {
+            self.o -= self.run;
+            self.r += 1;
+        }
+        out
+    }
+}
+
+/// One slab: a flat vector loop (aligned stores, parameters blended where a vector
+/// straddles two runs) when runs hold at least a vector, else run by run.
+#[inline(always)]
+fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    sl: &mut NormSlab<'_, T>,
+    z: &[T],
+    run: usize,
+    maps: &[ChannelAffine],
+) {
+    let c = maps.len();
+    let map_of = |r: usize| maps[(sl.first + r) % c];
+    if run < S::LANES {
+        for (r, (x, y)) in sl.x.chunks(run).zip(sl.y.chunks_mut(run)).enumerate() {
+            norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r));
+        }
+        return;
+    }
+    let (x, y) = (sl.x, &mut *sl.y);
+    let n = y.len();
+    let (lo, hi) = vector_span::<S, T>(y, n);
+    let get = |r: usize| {
+        let m = map_of(r);
+        [m.mean, m.scale, m.shift]
+    };
+    let mut params = RunParams::<S, 3>::new(s, run, lo, &get);
+    for p in (lo..hi).step_by(S::LANES) {
+        let [mean, scale, shift] = params.next(s, &get);
+        let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
+        if ADD {
+            v = s.add(v, s.load(&z[p..]));
+        }
+        if RELU {
+            v = s.relu(v);
+        }
+        s.store(&mut y[p..], v);
+    }
+    for p in (0..lo).chain(hi..n) {
+        let m = map_of(p / run);
+        let mut v = (x[p].to_f32() - m.mean).mul_add(m.scale, m.shift);
+        if ADD {
+            v += z[p].to_f32();
+        }
+        if RELU && v < 0.0 {
+            v = 0.0;
+        }
+        y[p] = T::from_f32_rounded(v);
     }
 }
 
@@ -688,26 +789,62 @@ pub(crate) struct GradMap {
     pub k: f32,
 }
 
-/// Outputs of one backward run.
-pub(crate) struct GradOutRun<'a, T> {
+/// A slab of consecutive channels-first runs for the input gradient (see [`NormSlab`]).
+pub(crate) struct GradSlab<'a, T> {
     pub inp: GradRun<'a, T>,
     pub dx: &'a mut [T],
     pub dz: Option<&'a mut [T]>,
-    pub map: GradMap,
+    pub first: usize,
 }
 
-/// Kernel: input gradient (and residual gradient) of a list of runs.
-pub(crate) struct GradRuns<'a, 'b, T> {
-    pub runs: &'b mut [GradOutRun<'a, T>],
+/// Kernel: input gradient (and residual gradient) of slabs of runs.
+pub(crate) struct GradSlabs<'a, 'b, T> {
+    pub slabs: &'b mut [GradSlab<'a, T>],
+    pub run: usize,
+    /// one map per channel
+    pub maps: &'b [GradMap],
 }
 
-impl<T: Element> Kernel for GradRuns<'_, '_, T> {
+impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        for r in self.runs.iter_mut() {
-            let m = r.map;
-            grad_span(s, &r.inp, &mut *r.dx, r.dz.as_deref_mut(), 0, r.inp.x.len(), |_| m);
+        let (run, maps) = (self.run, self.maps);
+        let c = maps.len();
+        for sl in self.slabs.iter_mut() {
+            let map_of = |p: usize| maps[(sl.first + p / run) % c];
+            let n = sl.dx.len();
+            if run < S::LANES {
+                // runs shorter than a vector: run by run (grad_span vectorizes within a run)
+                for r in 0..n / run {
+                    let m = map_of(r * run);
+                    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), r * run, (r + 1) * run, |_| m);
+                }
+                continue;
+            }
+            let (lo, hi) = vector_span::<S, T>(sl.dx, n);
+            let get = |r: usize| {
+                let m = maps[(sl.first + r) % c];
+                [m.mean, m.a, m.gmean, m.k]
+            };
+            let mut params = RunParams::<S, 4>::new(s, run, lo, &get);
+            let inp = &sl.inp;
+            for p in (lo..hi).step_by(S::LANES) {
+                let [mean, a, gmean, k] = params.next(s, &get);
+                let dy = s.load(&inp.dy[p..]);
+                let g = match inp.y {
+                    Some(y) => s.where_positive(s.load(&y[p..]), dy),
+                    None => dy,
+                };
+                let v = s.mul(a, s.fma(k, s.sub(s.load(&inp.x[p..]), mean), s.sub(g, gmean)));
+                s.store(&mut sl.dx[p..], v);
+                if let Some(dz) = sl.dz.as_deref_mut() {
+                    s.store(&mut dz[p..], g);
+                }
+            }
+            // heads and tails shorter than a vector: grad_span runs them scalar
+            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), 0, lo, map_of);
+            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), hi, n, map_of);
         }
     }
 }

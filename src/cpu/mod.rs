@@ -198,74 +198,109 @@ fn l2_bytes() -> usize {
     })
 }
 
-/// `(n, c, s)` when channels-first data can take the fused per-channel path: a channel's
-/// working set (`tensors` buffers of its size: x and y, or x, dy and dx) fits in 3/4 of
-/// L2, so the second pass reads it from there (2 passes of memory traffic in
-/// forward-train instead of 3, 3 instead of 5 in backward); and there are enough channels
-/// to keep every thread busy without splitting one.
-fn fused_planes<T>(shape: &Shape, threads: usize, tensors: usize) -> Option<(usize, usize, usize)> {
-    match shape.pattern() {
-        Pattern::Planes { n, c, s }
-            if tensors * n * s * std::mem::size_of::<T>() <= l2_bytes() * 3 / 4 && c >= 2 * threads =>
-        {
-            Some((n, c, s))
-        }
-        _ => None,
-    }
+/// A fused, cache-blocked plan for channels-first data: groups of `g` consecutive channels,
+/// one task each: the group's reduction, then its element-wise pass while the group's data
+/// is still in the core's L2 (2 passes of memory traffic in forward-train instead of 3,
+/// 3 instead of 5 in backward). The group's working set (`tensors` buffers: x and y, or x,
+/// dy and dx) fits in 3/4 of L2, and there are enough groups to keep every thread busy.
+#[derive(Debug, Clone, Copy)]
+struct Fused {
+    n: usize,
+    c: usize,
+    s: usize,
+    g: usize,
 }
 
-/// The runs of length `s` of a channels-first buffer, grouped by channel.
-fn runs_by_channel<T>(buf: &mut [T], c: usize, s: usize) -> Vec<Vec<&mut [T]>> {
-    let mut out: Vec<Vec<&mut [T]>> = (0..c).map(|_| Vec::with_capacity(buf.len() / (c * s))).collect();
-    for (i, run) in buf.chunks_mut(s).enumerate() {
-        out[i % c].push(run);
+impl Fused {
+    fn plan<T>(shape: &Shape, threads: usize, tensors: usize) -> Option<Fused> {
+        let Pattern::Planes { n, c, s } = shape.pattern() else { return None };
+        let channel = tensors * n * s * std::mem::size_of::<T>();
+        let budget = l2_bytes() * 3 / 4;
+        if channel > budget || c < 2 * threads {
+            return None;
+        }
+        let g = (budget / channel).min(c.div_ceil(4 * threads)).max(1);
+        Some(Fused { n, c, s, g })
     }
-    out
+
+    fn groups(&self) -> usize {
+        self.c.div_ceil(self.g)
+    }
+
+    /// Channels of group `k`.
+    fn channels(&self, k: usize) -> std::ops::Range<usize> {
+        k * self.g..((k + 1) * self.g).min(self.c)
+    }
+
+    /// `buf` cut into each group's slabs (one per sample).
+    fn slabs<'a, T>(&self, buf: &'a mut [T]) -> Vec<Vec<&'a mut [T]>> {
+        let mut out: Vec<Vec<&mut [T]>> = (0..self.groups()).map(|_| Vec::with_capacity(self.n)).collect();
+        for sample in buf.chunks_mut(self.c * self.s) {
+            for (k, slab) in sample.chunks_mut(self.g * self.s).enumerate() {
+                out[k].push(slab);
+            }
+        }
+        out
+    }
+
+    /// The read-only slab of group `k`, sample `ni`.
+    fn slab<'a, T>(&self, buf: &'a [T], k: usize, ni: usize) -> &'a [T] {
+        let ch = self.channels(k);
+        &buf[(ni * self.c + ch.start) * self.s..(ni * self.c + ch.end) * self.s]
+    }
+
+    /// The runs of channel `ch`.
+    fn runs<'a, T>(&self, buf: &'a [T], ch: usize) -> Vec<&'a [T]> {
+        (0..self.n).map(|ni| &buf[(ni * self.c + ch) * self.s..][..self.s]).collect()
+    }
 }
 
 /// Training forward: per-channel moments, then `y` with the map `affine(channel, moments)`.
-/// Channels-first data with small channels takes the fused path (one task per channel:
-/// moments, then normalize while the channel is in L2); the rest runs as two passes.
+/// Channels-first data with small channels takes the fused path ([`Fused`]); the rest runs
+/// as two passes.
 pub(crate) fn forward_training<T: Element>(
     dev: &CpuDevice,
     shape: &Shape,
     a: Forward<'_, T>,
     affine: impl Fn(usize, &Moments) -> ChannelAffine + Sync,
 ) -> Vec<Moments> {
-    let Some((n, c, s)) = fused_planes::<T>(shape, dev.threads(), 2) else {
+    let Some(f) = Fused::plan::<T>(shape, dev.threads(), 2) else {
         let moments = moments(dev, shape, a.x);
         let maps: Vec<ChannelAffine> = moments.iter().enumerate().map(|(ch, m)| affine(ch, m)).collect();
-        let mean: Vec<f32> = maps.iter().map(|m| m.mean).collect();
-        let scale: Vec<f32> = maps.iter().map(|m| m.scale).collect();
-        let shift: Vec<f32> = maps.iter().map(|m| m.shift).collect();
-        normalize(dev, shape, a, &mean, &scale, &shift);
+        normalize(dev, shape, a, &maps);
         return moments;
     };
     let level = dev.simd;
     let Forward { x, z, y, relu } = a;
-    let y_runs = runs_by_channel(y, c, s);
-    dev.install(|| {
-        y_runs
+    let groups = f.slabs(y);
+    let per_group: Vec<Vec<Moments>> = dev.install(|| {
+        groups
             .into_par_iter()
             .enumerate()
-            .map(|(ch, ys)| {
-                let xs: Vec<&[T]> = (0..n).map(|ni| &x[(ni * c + ch) * s..][..s]).collect();
-                let m = dispatch(level, RunMomentsKernel { runs: &xs, shift: xs[0][0].to_f32() });
-                let map = affine(ch, &m);
-                let mut runs: Vec<NormRun<'_, T>> = ys
+            .map(|(k, ys)| {
+                let moments: Vec<Moments> = f
+                    .channels(k)
+                    .map(|ch| {
+                        let runs = f.runs(x, ch);
+                        dispatch(level, RunMomentsKernel { runs: &runs, shift: runs[0][0].to_f32() })
+                    })
+                    .collect();
+                let maps: Vec<ChannelAffine> = f.channels(k).zip(&moments).map(|(ch, m)| affine(ch, m)).collect();
+                let mut slabs: Vec<NormSlab<'_, T>> = ys
                     .into_iter()
                     .enumerate()
-                    .map(|(ni, yr)| NormRun { x: xs[ni], z: z.map(|z| &z[(ni * c + ch) * s..][..s]), y: yr, map })
+                    .map(|(ni, y)| NormSlab { x: f.slab(x, k, ni), z: z.map(|z| f.slab(z, k, ni)), y, first: 0 })
                     .collect();
-                dispatch(level, NormalizeRuns { runs: &mut runs, relu });
-                m
+                dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu });
+                moments
             })
             .collect()
-    })
+    });
+    per_group.concat()
 }
 
 /// Backward with batch statistics: per-channel sums, then `dx` (and `dz`) with the map
-/// `grad(channel, sums)`. Fused per channel for small channels-first channels, as above.
+/// `grad(channel, sums)`. Fused for small channels-first channels, as above.
 pub(crate) fn backward<T: Element>(
     dev: &CpuDevice,
     shape: &Shape,
@@ -273,7 +308,7 @@ pub(crate) fn backward<T: Element>(
     mean: &[f32],
     grad: impl Fn(usize, &GradSums) -> GradMap + Sync,
 ) -> Vec<GradSums> {
-    let Some((n, c, s)) = fused_planes::<T>(shape, dev.threads(), 3) else {
+    let Some(f) = Fused::plan::<T>(shape, dev.threads(), 3) else {
         let sums = grad_sums(dev, shape, a.dy, a.x, a.y, mean);
         let maps: Vec<GradMap> = sums.iter().enumerate().map(|(ch, g)| grad(ch, g)).collect();
         grad_input(dev, shape, a, &maps);
@@ -281,86 +316,85 @@ pub(crate) fn backward<T: Element>(
     };
     let level = dev.simd;
     let Backward { x, y, dy, dx, dz } = a;
-    let dx_runs = runs_by_channel(dx, c, s);
-    let mut dz_runs: Vec<Option<Vec<&mut [T]>>> = match dz {
-        Some(dz) => runs_by_channel(dz, c, s).into_iter().map(Some).collect(),
-        None => (0..c).map(|_| None).collect(),
+    let dx_groups = f.slabs(dx);
+    let mut dz_groups: Vec<Option<Vec<&mut [T]>>> = match dz {
+        Some(dz) => f.slabs(dz).into_iter().map(Some).collect(),
+        None => (0..f.groups()).map(|_| None).collect(),
     };
-    dev.install(|| {
-        dx_runs
+    let per_group: Vec<Vec<GradSums>> = dev.install(|| {
+        dx_groups
             .into_par_iter()
-            .zip(dz_runs.par_iter_mut())
+            .zip(dz_groups.par_iter_mut())
             .enumerate()
-            .map(|(ch, (dxs, dzs))| {
-                let inputs = |ni: usize| {
-                    let o = (ni * c + ch) * s;
-                    GradRun { dy: &dy[o..][..s], x: &x[o..][..s], y: y.map(|y| &y[o..][..s]) }
-                };
-                let ins: Vec<GradRun<'_, T>> = (0..n).map(inputs).collect();
-                let sums = dispatch(level, GradSumRuns { runs: &ins, mean: mean[ch] });
-                let map = grad(ch, &sums);
-                let mut dzs = dzs.take().map(|v| v.into_iter());
-                let mut runs: Vec<GradOutRun<'_, T>> = dxs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(ni, dxr)| GradOutRun {
-                        inp: inputs(ni),
-                        dx: dxr,
-                        dz: dzs.as_mut().and_then(|it| it.next()),
-                        map,
+            .map(|(k, (dxs, dzs))| {
+                let sums: Vec<GradSums> = f
+                    .channels(k)
+                    .map(|ch| {
+                        let (dys, xs) = (f.runs(dy, ch), f.runs(x, ch));
+                        let ys = y.map(|y| f.runs(y, ch));
+                        let runs: Vec<GradRun<'_, T>> = (0..f.n)
+                            .map(|ni| GradRun { dy: dys[ni], x: xs[ni], y: ys.as_ref().map(|v| v[ni]) })
+                            .collect();
+                        dispatch(level, GradSumRuns { runs: &runs, mean: mean[ch] })
                     })
                     .collect();
-                dispatch(level, GradRuns { runs: &mut runs });
+                let maps: Vec<GradMap> = f.channels(k).zip(&sums).map(|(ch, g)| grad(ch, g)).collect();
+                let mut dzs = dzs.take().map(|v| v.into_iter());
+                let mut slabs: Vec<GradSlab<'_, T>> = dxs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(ni, dx)| GradSlab {
+                        inp: GradRun { dy: f.slab(dy, k, ni), x: f.slab(x, k, ni), y: y.map(|y| f.slab(y, k, ni)) },
+                        dx,
+                        dz: dzs.as_mut().and_then(|it| it.next()),
+                        first: 0,
+                    })
+                    .collect();
+                dispatch(level, GradSlabs { slabs: &mut slabs, run: f.s, maps: &maps });
                 sums
             })
             .collect()
-    })
+    });
+    per_group.concat()
 }
 
 // ---------------------------------------------------------------- normalize
 
-/// `y = act((x - mean) * scale + shift + z)` with per-channel `mean`, `scale`, `shift`.
-pub(crate) fn normalize<T: Element>(
-    dev: &CpuDevice,
-    shape: &Shape,
-    a: Forward<'_, T>,
-    mean: &[f32],
-    scale: &[f32],
-    shift: &[f32],
-) {
+/// `y = act((x - mean) * scale + shift + z)` with the per-channel maps.
+pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'_, T>, maps: &[ChannelAffine]) {
     let level = dev.simd;
     let threads = dev.threads();
     let Forward { x, z, y, relu } = a;
     dev.install(|| match shape.pattern() {
-        Pattern::Planes { c, s, .. } => {
+        Pattern::Planes { s, .. } => {
+            // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
             let runs_per = partition::runs_per_task(s);
-            y.par_chunks_mut(runs_per * s).enumerate().for_each(|(t, yb)| {
-                let first = t * runs_per;
-                let mut runs: Vec<NormRun<'_, T>> = yb
-                    .chunks_mut(s)
-                    .enumerate()
-                    .map(|(k, yr)| {
-                        let i = first + k;
-                        let ch = i % c;
-                        NormRun {
-                            x: &x[i * s..][..s],
-                            z: z.map(|z| &z[i * s..][..s]),
-                            y: yr,
-                            map: ChannelAffine { mean: mean[ch], scale: scale[ch], shift: shift[ch] },
-                        }
-                    })
-                    .collect();
-                dispatch(level, NormalizeRuns { runs: &mut runs, relu });
+            let chunk = runs_per * s;
+            y.par_chunks_mut(chunk).enumerate().for_each(|(t, y)| {
+                let (lo, hi) = (t * chunk, t * chunk + y.len());
+                let mut slab = [NormSlab { x: &x[lo..hi], z: z.map(|z| &z[lo..hi]), y, first: t * runs_per }];
+                dispatch(level, NormalizeSlabs { slabs: &mut slab, run: s, maps, relu });
             });
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
+            let mean: Vec<f32> = maps.iter().map(|m| m.mean).collect();
+            let scale: Vec<f32> = maps.iter().map(|m| m.scale).collect();
+            let shift: Vec<f32> = maps.iter().map(|m| m.shift).collect();
             y.par_chunks_mut(rows_per * c).enumerate().for_each(|(t, yb)| {
                 let lo = t * rows_per * c;
                 let hi = lo + yb.len();
                 dispatch(
                     level,
-                    NormalizeRows { x: &x[lo..hi], z: z.map(|z| &z[lo..hi]), y: yb, mean, scale, shift, relu },
+                    NormalizeRows {
+                        x: &x[lo..hi],
+                        z: z.map(|z| &z[lo..hi]),
+                        y: yb,
+                        mean: &mean,
+                        scale: &scale,
+                        shift: &shift,
+                        relu,
+                    },
                 );
             });
         }
@@ -430,31 +464,18 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     let threads = dev.threads();
     let Backward { x, y, dy, dx, dz } = a;
     dev.install(|| match shape.pattern() {
-        Pattern::Planes { c, s, .. } => {
+        Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
             let mut dzs: Vec<Option<&mut [T]>> = match dz {
                 Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
                 None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
             };
-            dx.par_chunks_mut(chunk).zip(dzs.par_iter_mut()).enumerate().for_each(|(t, (dxb, dzb))| {
-                let first = t * runs_per;
-                let mut dz_runs = dzb.take().map(|d| d.chunks_mut(s));
-                let mut runs: Vec<GradOutRun<'_, T>> = dxb
-                    .chunks_mut(s)
-                    .enumerate()
-                    .map(|(k, dxr)| {
-                        let i = first + k;
-                        let o = i * s;
-                        GradOutRun {
-                            inp: GradRun { dy: &dy[o..][..s], x: &x[o..][..s], y: y.map(|y| &y[o..][..s]) },
-                            dx: dxr,
-                            dz: dz_runs.as_mut().and_then(|it| it.next()),
-                            map: maps[i % c],
-                        }
-                    })
-                    .collect();
-                dispatch(level, GradRuns { runs: &mut runs });
+            dx.par_chunks_mut(chunk).zip(dzs.par_iter_mut()).enumerate().for_each(|(t, (dx, dz))| {
+                let (lo, hi) = (t * chunk, t * chunk + dx.len());
+                let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
+                let mut slab = [GradSlab { inp, dx, dz: dz.take(), first: t * runs_per }];
+                dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps });
             });
         }
         Pattern::Rows { rows, c } => {

@@ -102,6 +102,8 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn relu(self, v: Self::V) -> Self::V;
     /// `v` where `mask_src > 0`, else 0 (the ReLU backward gate).
     fn where_positive(self, mask_src: Self::V, v: Self::V) -> Self::V;
+    /// The first `k` lanes of `a`, the rest of `b` (`k <= LANES`).
+    fn select_first(self, k: usize, a: Self::V, b: Self::V) -> Self::V;
 
     fn load_f32(self, src: &[f32]) -> Self::V;
     fn store_f32(self, dst: &mut [f32], v: Self::V);
@@ -220,6 +222,10 @@ impl Simd for Scalar {
     #[inline(always)]
     fn where_positive(self, m: Self::V, v: Self::V) -> Self::V {
         std::array::from_fn(|i| if m[i] > 0.0 { v[i] } else { 0.0 })
+    }
+    #[inline(always)]
+    fn select_first(self, k: usize, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| if i < k { a[i] } else { b[i] })
     }
     #[inline(always)]
     fn load_f32(self, src: &[f32]) -> Self::V {
@@ -341,6 +347,12 @@ mod x86 {
             }
         }
         #[inline(always)]
+        fn select_first(self, k: usize, a: __m512, b: __m512) -> __m512 {
+            let mask = ((1u32 << k.min(16)) - 1) as __mmask16;
+            // SAFETY: see the impl comment.
+            unsafe { _mm512_mask_blend_ps(mask, b, a) }
+        }
+        #[inline(always)]
         fn load_f32(self, src: &[f32]) -> __m512 {
             assert!(src.len() >= 16);
             // SAFETY: 16 f32 are readable (checked); see the impl comment.
@@ -434,6 +446,15 @@ mod x86 {
         fn where_positive(self, m: __m256, v: __m256) -> __m256 {
             // SAFETY: see the impl comment above `impl Simd for Avx512`.
             unsafe { _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(m, _mm256_setzero_ps()), v) }
+        }
+        #[inline(always)]
+        fn select_first(self, k: usize, a: __m256, b: __m256) -> __m256 {
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            unsafe {
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let first = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32), lane);
+                _mm256_blendv_ps(b, a, _mm256_castsi256_ps(first))
+            }
         }
         #[inline(always)]
         fn load_f32(self, src: &[f32]) -> __m256 {
