@@ -1,4 +1,4 @@
-//! Conformance harness: runs the ops on a device against the float64 [`reference`] and
+//! Conformance harness: runs the ops on a device against the float64 [`reference`](mod@crate::reference) and
 //! reports the error of every output under the contract's tolerances.
 //!
 //! `bnorm check` prints what [`run_suite`] returns; the integration tests (CPU) and the GPU

@@ -23,7 +23,7 @@
 //! ```
 //!
 //! Numerics: statistics accumulate in f32 with Welford's update inside cache-sized chunks
-//! and merge with Chan's formula in f64; the [`reference`] module is the float64 oracle
+//! and merge with Chan's formula in f64; the [`reference`](mod@crate::reference) module is the float64 oracle
 //! every backend is tested against.
 
 pub mod buffer;

@@ -67,7 +67,7 @@ fn cumulative_average_is_the_mean_of_batch_means() {
         }
     }
     for ch in 0..2 {
-        assert!((bn.running_mean()[ch] as f64 - means[ch]).abs() < 1e-5, "{:?} vs {means:?}", bn.running_mean());
+        approx::assert_relative_eq!(bn.running_mean()[ch] as f64, means[ch], max_relative = 1e-6);
     }
 }
 
