@@ -322,3 +322,25 @@ fn layouts_do_not_change_validation() {
     assert_eq!(e, Error::LengthMismatch { arg: "x", expected: 96, actual: 93 });
     assert!(y.iter().all(|&v| v == SENTINEL));
 }
+
+/// An eval-mode backward whose running mean lies beyond f16's range still gives finite
+/// gradients (the backward sums' mean split must not overflow).
+#[test]
+fn f16_backward_with_a_running_mean_beyond_f16_range() {
+    use bnorm::f16;
+    let shape = Shape::channels_first(&[2, 2, 3]).unwrap();
+    let x: Vec<f16> = (0..12).map(|i| f16::from_f32(i as f32)).collect();
+    let dy: Vec<f16> = (0..12).map(|i| f16::from_f32(1.0 + i as f32 * 0.1)).collect();
+    let (mut dx, mut dw, mut db) = (vec![f16::ZERO; 12], vec![0f32; 2], vec![0f32; 2]);
+    ops::backward(
+        &Device::cpu(),
+        &shape,
+        &Config::default(),
+        Backward::from_running(&x, &dy, &mut dx, &[1e6, 0.0], &[1e10, 1.0]).param_grads(&mut dw, &mut db),
+    )
+    .unwrap();
+    assert!(dw.iter().chain(&db).all(|v| v.is_finite()), "{dw:?} {db:?}");
+    // dweight of channel 0: sum dy * (x - 1e6) / sqrt(1e10 + eps)
+    let want: f64 = [0usize, 1, 2, 6, 7, 8].iter().map(|&i| dy[i].to_f64() * (x[i].to_f64() - 1e6)).sum::<f64>() / 1e5;
+    assert!((dw[0] as f64 - want).abs() <= 1e-5 * want.abs(), "{} vs {want}", dw[0]);
+}

@@ -622,7 +622,13 @@ pub(crate) struct GradRun<'a, T> {
 #[inline(always)]
 fn split_mean<T: Element>(mean: f32) -> (f32, f64) {
     let hi = T::from_f32_rounded(mean).to_f32();
-    (hi, mean as f64 - hi as f64)
+    if hi.is_finite() {
+        (hi, mean as f64 - hi as f64)
+    } else {
+        // a mean beyond the type's range (an eval-mode running mean, say): no x is near it,
+        // so x - mean has no bias to correct
+        (mean, 0.0)
+    }
 }
 
 /// Kernel: backward sums of one channel given as runs.
