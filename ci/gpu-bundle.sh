@@ -3,8 +3,12 @@
 # bnorm's GPU checks, into one folder (default .bundle/, gitignored, must stay < 64 MB):
 #   tests/NAME   every release test executable of the workspace (unit tests of each
 #                package, the integration tests, tests/gpu.rs among them), debug info stripped
-#   bnorm        the command-line tool (package bnorm-cli), when the workspace has it
-#   gpu-run.sh   runs all of it there (see that script)
+#   bnorm        the command-line tool (package bnorm-cli, with its `cudnn` feature: the cuDNN
+#                peer of `bnorm bench`, libcudnn loaded at run time), when the workspace has it
+#   gpu-run.sh   runs the tests and checks there (see that script)
+#   gpu-bench.sh the measurement of issue 4 against cuDNN and PyTorch (see that script)
+#   torch_bench.py  the PyTorch peer it runs
+#   gpu-all.sh   all of it in one call: gpu-run.sh's tests, gpu-bench.sh, the sanitizers
 #   MANIFEST.txt what was built, from which commit, with which nvcc
 #
 # Usage: ci/gpu-bundle.sh [DIR]
@@ -58,15 +62,17 @@ done <"$dest/.list"
 rm -f "$dest/.list"
 
 if [[ -f "$root/cli/Cargo.toml" ]]; then
-  echo "gpu-bundle: building the bnorm command (bnorm-cli)" >&2
-  cargo build --release -p bnorm-cli
+  echo "gpu-bundle: building the bnorm command (bnorm-cli, features cudnn)" >&2
+  cargo build --release -p bnorm-cli --features cudnn
   cp "$target_dir/release/bnorm" "$dest/bnorm"
   strip --strip-debug "$dest/bnorm" 2>/dev/null || true
 else
   echo "gpu-bundle: no cli/ package, no bnorm binary in the bundle" >&2
 fi
-cp "$root/ci/gpu-run.sh" "$dest/gpu-run.sh"
-chmod +x "$dest/gpu-run.sh"
+for f in gpu-run.sh gpu-bench.sh gpu-all.sh torch_bench.py; do
+  cp "$root/ci/$f" "$dest/$f"
+done
+chmod +x "$dest/gpu-run.sh" "$dest/gpu-bench.sh" "$dest/gpu-all.sh"
 
 nvcc_bin="${NVCC:-$(command -v nvcc || true)}"
 nvcc_version="$([[ -n "$nvcc_bin" ]] && "$nvcc_bin" --version 2>/dev/null | tail -n 1 || echo unknown)"

@@ -7,10 +7,14 @@
 #   bench-resnet50.txt / .json         `bnorm bench --device cuda --suite resnet50`
 #   sanitizer-memcheck.log             compute-sanitizer memcheck over GPU tests (if installed)
 #   sanitizer-racecheck.log            compute-sanitizer racecheck over GPU tests (if installed)
+#   sanitizer-*-persistent.log         the same over the persistent kernels' smoke test
 #   summary.txt                        one line per step: status, seconds; NOT RUN lines
 # Every step has a time limit; the whole run stays under 6 minutes.
 #
 # Usage: ./gpu-run.sh [LOG_DIR]        (default: $OUT when set, else ./logs)
+# Environment: GPU_RUN_STEPS (default "tests check bench sanitizer": the steps to run),
+# GPU_RUN_BUDGET_S (default 345: the sanitizers get what is left of it). gpu-all.sh uses
+# them to run the tests, then gpu-bench.sh, then the sanitizers in one call.
 # Exit status: 0 when every step that ran passed.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -20,6 +24,9 @@ summary="$logs/summary.txt"
 : >"$summary"
 start_all=$(date +%s)
 failed=0
+steps=" ${GPU_RUN_STEPS:-tests check bench sanitizer} "
+budget_all="${GPU_RUN_BUDGET_S:-345}"
+wants() { [[ "$steps" == *" $1 "* ]]; }
 
 # The CLI's flags, in one place.
 CHECK_ARGS=(check --device cuda)
@@ -61,23 +68,30 @@ if [[ -x ./bnorm ]]; then
 fi
 
 # 1. every test executable, ignored tests included. GPU tests first: they matter most.
-mapfile -t tests < <(ls tests/ | sort)
-ordered=()
-for t in "${tests[@]}"; do [[ "$t" == gpu ]] && ordered+=("$t"); done
-for t in "${tests[@]}"; do [[ "$t" != gpu ]] && ordered+=("$t"); done
-for t in "${ordered[@]}"; do
-  limit=60
-  [[ "$t" == gpu ]] && limit=150
-  step "test $t" "$limit" "$logs/test-$t.log" "./tests/$t" --include-ignored
-done
-grep -h "NOT RUN:" "$logs"/test-*.log 2>/dev/null | sed 's/^/  /' | sort -u | tee -a "$summary"
+if wants tests; then
+  mapfile -t tests < <(ls tests/ | sort)
+  ordered=()
+  for t in "${tests[@]}"; do [[ "$t" == gpu* ]] && ordered+=("$t"); done
+  for t in "${tests[@]}"; do [[ "$t" != gpu* ]] && ordered+=("$t"); done
+  for t in "${ordered[@]}"; do
+    limit=60
+    [[ "$t" == gpu ]] && limit=150
+    [[ "$t" == gpu_persistent ]] && limit=120
+    step "test $t" "$limit" "$logs/test-$t.log" "./tests/$t" --include-ignored
+  done
+  grep -h "NOT RUN:" "$logs"/test-*.log 2>/dev/null | sed 's/^/  /' | sort -u | tee -a "$summary"
+fi
 
 # 2. the command-line checks
-if [[ -x ./bnorm ]]; then
-  step "bnorm ${CHECK_ARGS[*]}" 60 "$logs/check-cuda.txt" ./bnorm "${CHECK_ARGS[@]}"
-  step "bnorm ${BENCH_ARGS[*]}" 75 "$logs/bench-resnet50.txt" ./bnorm "${BENCH_ARGS[@]}" --json "$logs/bench-resnet50.json"
-else
+if [[ ! -x ./bnorm ]]; then
   note "bnorm                              NOT RUN: no bnorm binary in the bundle"
+else
+  if wants check; then
+    step "bnorm ${CHECK_ARGS[*]}" 60 "$logs/check-cuda.txt" ./bnorm "${CHECK_ARGS[@]}"
+  fi
+  if wants bench; then
+    step "bnorm ${BENCH_ARGS[*]}" 75 "$logs/bench-resnet50.txt" ./bnorm "${BENCH_ARGS[@]}" --json "$logs/bench-resnet50.json"
+  fi
 fi
 
 # 3. compute-sanitizer over the GPU tests
@@ -87,14 +101,19 @@ if [[ -z "$sanitizer" ]]; then
     [[ -x "$c" ]] && sanitizer="$c" && break
   done
 fi
-if [[ -z "$sanitizer" ]]; then
+if ! wants sanitizer; then
+  :
+elif [[ -z "$sanitizer" ]]; then
   note "compute-sanitizer                  NOT RUN: not installed on this machine"
 elif [[ ! -x tests/gpu ]]; then
   note "compute-sanitizer                  NOT RUN: no tests/gpu in the bundle"
 else
+  # the persistent kernels' smoke test gets up to 60 s at the end (below)
+  reserve=0
+  [[ -x tests/gpu_persistent ]] && reserve=60
   for tool in memcheck racecheck; do
     elapsed=$(($(date +%s) - start_all))
-    left=$((345 - elapsed))
+    left=$((budget_all - elapsed - reserve))
     if ((left < 30)); then
       note "sanitizer $tool                   NOT RUN: time budget spent"
       continue
@@ -111,6 +130,20 @@ else
     step "sanitizer $tool" "$limit" "$logs/sanitizer-$tool.log" \
       "$sanitizer" "${args[@]}" ./tests/gpu --include-ignored --test-threads 1 "${filter[@]}"
   done
+  # the persistent kernels (grid barrier, shared-memory storage): a few small cases
+  if [[ -x tests/gpu_persistent ]]; then
+    for tool in memcheck racecheck; do
+      left=$((budget_all - ($(date +%s) - start_all)))
+      if ((left < 20)); then
+        note "sanitizer $tool (persistent)      NOT RUN: time budget spent"
+        continue
+      fi
+      limit=$((left < 30 ? left : 30))
+      step "sanitizer $tool (persistent)" "$limit" "$logs/sanitizer-$tool-persistent.log" \
+        "$sanitizer" --tool "$tool" --error-exitcode 1 ./tests/gpu_persistent --include-ignored --test-threads 1 \
+        persistent_smoke
+    done
+  fi
 fi
 
 note "total $(($(date +%s) - start_all))s; logs in $logs"

@@ -488,6 +488,20 @@ def main():
 
     records = []
     groups = []
+
+    def write_json(partial):
+        # Written after every group too, so a run cut short by a time limit keeps what it
+        # measured ("partial": true until the end).
+        if not args.json:
+            return
+        d = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(d, exist_ok=True)
+        meta["partial"] = partial
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+        os.replace(tmp, args.json)
+
     for dims, case_ops in cases:
         for dt in dtypes:
             lays = ["cf"] if len(dims) < 4 else layouts
@@ -516,14 +530,11 @@ def main():
         for r in recs:
             if r.get("error"):
                 log("    %s unsupported: %s" % (r["op"], r["error"]))
+        write_json(True)
 
     meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    out = {"meta": meta, "records": records}
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(False)
         log("wrote %s (%d records)" % (args.json, len(records)))
 
     native = device.type == "cuda" and args.no_cudnn

@@ -1,6 +1,7 @@
 // Backward.
 //   bn_bwd_reduce_*: per-channel sums sg = sum g, sgx = sum g * (x - mean) (g = dy, gated
-//     by y > 0 with a fused ReLU), combined over lanes, warps, the block and (split
+//     by y > 0 with a fused ReLU; the lanes subtract the mean rounded to the activation
+//     type and the finalize corrects the total in f64, see mean_on_grid), combined over lanes, warps, the block and (split
 //     channels) the blocks of the channel through the last-block handshake; then in the
 //     same launch: dweight = sgx * invstd, dbias = sg, and the per-channel map of the
 //     elementwise pass (workspace). With BN_F_FUSED (one block per channel or channel tile)
@@ -58,8 +59,9 @@ __device__ __forceinline__ void reduce_nchw(const BnArgs& a) {
   for (I c = blockIdx.x; c < C; c += gridDim.x) {
     float mean[V];
     const float mean_c = channel_mean(a, c);
+    const float mean_hi = mean_on_grid<E>(mean_c);
 #pragma unroll
-    for (int v = 0; v < V; ++v) mean[v] = mean_c;
+    for (int v = 0; v < V; ++v) mean[v] = mean_hi;
     SumLanes<K> acc;
     acc.init();
     strided<U>(
@@ -87,7 +89,7 @@ __device__ __forceinline__ void reduce_nchw(const BnArgs& a) {
       s = block_merge(s, sm_warp);
       counter_reset(a.counters + c);
     }
-    if (threadIdx.x == 0) sm_map = finalize_grad(a, c, s, mean_c);
+    if (threadIdx.x == 0) sm_map = finalize_grad(a, c, s, mean_c, mean_hi);
     if (fused) {  // uniform; the host sets it only with splits == 1
       __syncthreads();
       const GradMap map = sm_map;
@@ -98,33 +100,6 @@ __device__ __forceinline__ void reduce_nchw(const BnArgs& a) {
 }
 
 // ---------------------------------------------------------------- channels-last
-// As column_merge of the forward statistics, for sums: [field][V][bdy][bdx].
-template <int V>
-__device__ __forceinline__ void column_sum(Sums (&s)[V], float* sm, const Tile2D& t) {
-  const u32 plane = V * BN_THREADS;
-  auto at = [&](int v, u32 row) { return ((u32)v * t.bdy + row) * t.bdx + t.tx; };
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    const u32 j = at(v, t.ty);
-    sm[j] = s[v].g;
-    sm[plane + j] = s[v].gx;
-  }
-  __syncthreads();
-  for (u32 h = t.bdy / 2; h > 0; h >>= 1) {
-    if (t.ty < h) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const u32 o = at(v, t.ty + h), j = at(v, t.ty);
-        s[v].g += sm[o];
-        s[v].gx += sm[plane + o];
-        sm[j] = s[v].g;
-        sm[plane + j] = s[v].gx;
-      }
-    }
-    __syncthreads();
-  }
-}
-
 template <class E, class I, int V>
 __device__ __forceinline__ void reduce_nhwc(const BnArgs& a) {
   constexpr int U = Unroll<V>::value;
@@ -145,11 +120,14 @@ __device__ __forceinline__ void reduce_nhwc(const BnArgs& a) {
   for (I tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const I ch0 = tile * lanes + (I)t.tx * V;
     const bool active = ch0 < C;
-    float mean[V];
+    float mean[V], mean_hi[V];
     Sums s[V];
     if (active) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) mean[v] = channel_mean(a, (u64)ch0 + v);
+      for (int v = 0; v < V; ++v) {
+        mean[v] = channel_mean(a, (u64)ch0 + v);
+        mean_hi[v] = mean_on_grid<E>(mean[v]);
+      }
       SumLanes<K> acc;
       acc.init();
       strided<U>(
@@ -158,11 +136,11 @@ __device__ __forceinline__ void reduce_nhwc(const BnArgs& a) {
             u64 off[U];
 #pragma unroll
             for (int u = 0; u < U; ++u) off[u] = (u64)(r + (I)u * rstride) * C + ch0;
-            grad_sums_group<E, V, U, K>(a, relu, off, mean, acc);
+            grad_sums_group<E, V, U, K>(a, relu, off, mean_hi, acc);
           },
           [&](I r) {
             u64 off[1] = {(u64)r * C + ch0};
-            grad_sums_group<E, V, 1, K>(a, relu, off, mean, acc);
+            grad_sums_group<E, V, 1, K>(a, relu, off, mean_hi, acc);
           });
       fold_sums<V, U>(acc, s);
     } else {
@@ -170,6 +148,7 @@ __device__ __forceinline__ void reduce_nhwc(const BnArgs& a) {
       for (int v = 0; v < V; ++v) {
         s[v] = sums_zero();
         mean[v] = 0.f;
+        mean_hi[v] = 0.f;
       }
     }
     column_sum<V>(s, sm, t);
@@ -195,7 +174,7 @@ __device__ __forceinline__ void reduce_nhwc(const BnArgs& a) {
     if (t.ty == 0 && active) {
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const GradMap g = finalize_grad(a, (u64)ch0 + v, s[v], mean[v]);
+        const GradMap g = finalize_grad(a, (u64)ch0 + v, s[v], mean[v], mean_hi[v]);
         const u32 j = t.tx * V + v;
         sp[j] = g.mean;
         sp[lanes + j] = g.a;

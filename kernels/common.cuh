@@ -97,7 +97,7 @@ struct BnArgs {
   double factor;        // running-statistics weight of this batch (host: batch_weight)
   float eps;
   u32 flags;
-  u32 pad0;
+  u32 slots;            // persistent kernels: storage slots per thread in shared memory
   u32 pad1;
 };
 static_assert(sizeof(DivMod) == 24, "DivMod layout");
@@ -259,6 +259,13 @@ template <>
 struct IO<BF16, 4> : IO8<BF16> {};
 
 // ---------------------------------------------------------------- small helpers
+#ifndef BN_HOST_EMULATION
+// Spin-wait hint (sm_70+; the PTX targets compute_75): back off while polling a counter.
+__device__ __forceinline__ void bn_pause() { asm volatile("nanosleep.u32 64;"); }
+#endif
+
+__device__ __forceinline__ u32 ld_volatile(const u32* p) { return *(const volatile u32*)p; }
+
 __device__ __forceinline__ float ldg_or(const float* p, u64 i, float dflt) {
   return p ? __ldg(p + i) : dflt;
 }

@@ -86,40 +86,6 @@ __device__ __forceinline__ void stats_nchw(const BnArgs& a) {
 }
 
 // ---------------------------------------------------------------- channels-last
-// Merge the V moments of each thread over the bdy threads of its column (same channels),
-// through shared memory arranged [field][V][bdy][bdx] (conflict-free over tx). Thread
-// rows ty == 0 end with the block's result. Ends with a barrier.
-template <int V>
-__device__ __forceinline__ void column_merge(Moments (&m)[V], float* sm, const Tile2D& t) {
-  const u32 plane = V * BN_THREADS;
-  auto at = [&](int v, u32 row) { return ((u32)v * t.bdy + row) * t.bdx + t.tx; };
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    const u32 j = at(v, t.ty);
-    sm[j] = m[v].n;
-    sm[plane + j] = m[v].mean;
-    sm[2 * plane + j] = m[v].m2;
-  }
-  __syncthreads();
-  for (u32 h = t.bdy / 2; h > 0; h >>= 1) {
-    if (t.ty < h) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const u32 o = at(v, t.ty + h), j = at(v, t.ty);
-        Moments b;
-        b.n = sm[o];
-        b.mean = sm[plane + o];
-        b.m2 = sm[2 * plane + o];
-        m[v] = chan(m[v], b);
-        sm[j] = m[v].n;
-        sm[plane + j] = m[v].mean;
-        sm[2 * plane + j] = m[v].m2;
-      }
-    }
-    __syncthreads();
-  }
-}
-
 template <class E, class I, int V>
 __device__ __forceinline__ void stats_nhwc(const BnArgs& a) {
   constexpr int U = Unroll<V>::value;

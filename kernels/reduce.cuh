@@ -144,7 +144,7 @@ __device__ __forceinline__ Moments block_merge(Moments m, Moments* sm) {
 
 // ---------------------------------------------------------------- sums of the backward pass
 struct Sums {
-  float g, gx;  // sum g, sum g * (x - mean)
+  float g, gx;  // sum g, sum g * (x - mean_hi) (mean_on_grid)
 };
 
 __device__ __forceinline__ Sums sums_zero() {
@@ -227,6 +227,68 @@ __device__ __forceinline__ Sums block_merge(Sums s, Sums* sm) {
   return s;
 }
 
+// ---------------------------------------------------------------- channels-last column merges
+// Merge the V moments of each thread over the bdy threads of its column (same channels),
+// through shared memory arranged [field][V][bdy][bdx] (conflict-free over tx). Thread
+// rows ty == 0 end with the block's result. Ends with a barrier.
+template <int V>
+__device__ __forceinline__ void column_merge(Moments (&m)[V], float* sm, const Tile2D& t) {
+  const u32 plane = V * BN_THREADS;
+  auto at = [&](int v, u32 row) { return ((u32)v * t.bdy + row) * t.bdx + t.tx; };
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const u32 j = at(v, t.ty);
+    sm[j] = m[v].n;
+    sm[plane + j] = m[v].mean;
+    sm[2 * plane + j] = m[v].m2;
+  }
+  __syncthreads();
+  for (u32 h = t.bdy / 2; h > 0; h >>= 1) {
+    if (t.ty < h) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const u32 o = at(v, t.ty + h), j = at(v, t.ty);
+        Moments b;
+        b.n = sm[o];
+        b.mean = sm[plane + o];
+        b.m2 = sm[2 * plane + o];
+        m[v] = chan(m[v], b);
+        sm[j] = m[v].n;
+        sm[plane + j] = m[v].mean;
+        sm[2 * plane + j] = m[v].m2;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// As column_merge, for sums: [field][V][bdy][bdx].
+template <int V>
+__device__ __forceinline__ void column_sum(Sums (&s)[V], float* sm, const Tile2D& t) {
+  const u32 plane = V * BN_THREADS;
+  auto at = [&](int v, u32 row) { return ((u32)v * t.bdy + row) * t.bdx + t.tx; };
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const u32 j = at(v, t.ty);
+    sm[j] = s[v].g;
+    sm[plane + j] = s[v].gx;
+  }
+  __syncthreads();
+  for (u32 h = t.bdy / 2; h > 0; h >>= 1) {
+    if (t.ty < h) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const u32 o = at(v, t.ty + h), j = at(v, t.ty);
+        s[v].g += sm[o];
+        s[v].gx += sm[plane + o];
+        sm[j] = s[v].g;
+        sm[plane + j] = s[v].gx;
+      }
+    }
+    __syncthreads();
+  }
+}
+
 // ---------------------------------------------------------------- partials in the workspace
 // Partial results are stored structure-of-arrays: field f of slot i at partials[f * total + i].
 __device__ __forceinline__ void put(float* p, u64 total, u64 i, const Moments& m) {
@@ -279,8 +341,10 @@ __device__ __forceinline__ void counter_reset(u32* counter) {
 // Forward statistics of channel c from its moments of x - pivot: saved mean/invstd,
 // running-statistics update, and the per-channel (mean, scale, shift) of the normalize
 // pass, written to the workspace and returned. f64 throughout, as the CPU backend.
+// `commit` false: compute only (the persistent kernels' blocks other than a channel's first
+// split derive the same values from the same partials but leave the writes to that one).
 __device__ __forceinline__ void finalize_stats(const BnArgs& a, u64 c, const Moments& mo, float pivot,
-                                               float& mean_f, float& scale_f, float& shift_f) {
+                                               float& mean_f, float& scale_f, float& shift_f, bool commit = true) {
   const double mean = (double)pivot + (double)mo.mean;
   const double var = fmax((double)mo.m2 / a.m, 0.0);
   const double inv = 1.0 / sqrt(var + (double)a.eps);
@@ -288,6 +352,7 @@ __device__ __forceinline__ void finalize_stats(const BnArgs& a, u64 c, const Mom
   mean_f = (float)mean;
   scale_f = (float)(w * inv);
   shift_f = a.bias ? a.bias[c] : 0.f;
+  if (!commit) return;
   if (a.saved_mean) a.saved_mean[c] = mean_f;
   if (a.saved_invstd) a.saved_invstd[c] = (float)inv;
   if (a.running_mean) {
@@ -314,7 +379,27 @@ __device__ __forceinline__ float channel_mean(const BnArgs& a, u64 c) {
   return (a.flags & BN_F_TRAINING) ? __ldg(a.saved_mean + c) : __ldg(a.running_mean + c);
 }
 
-__device__ __forceinline__ GradMap finalize_grad(const BnArgs& a, u64 c, const Sums& s, float mean) {
+// The mean the backward sums subtract: the channel's f32 mean rounded to the activation
+// type E (itself for f32). x lies on E's grid and the mean on f32's, so x - mean rounds
+// the same way for every x of a binade: a bias that sum g multiplies, large when g has a
+// large mean (dweight 3e-5 relative off on a bf16 4x3x64x80 case). x - mean_hi is exact in
+// f32 (both on E's grid, close), and finalize_grad takes the rest, (mean - mean_hi) * sum g,
+// off in f64. A mean beyond E's range (a user's running mean with f16 data) keeps the f32
+// mean (the correction is then 0).
+template <class E>
+__device__ __forceinline__ float mean_on_grid(float mean) {
+  const float hi = E::to_f32(E::from_f32(mean));
+  return (__float_as_uint(hi) & 0x7f800000u) != 0x7f800000u ? hi : mean;
+}
+
+// sgx of the finalize: sum g * (x - mean) from the lanes' sum g * (x - mean_hi).
+__device__ __forceinline__ double centered_gx(const Sums& s, float mean, float mean_hi) {
+  return (double)s.gx - ((double)mean - (double)mean_hi) * (double)s.g;
+}
+
+// `mean` is the channel's f32 mean (dx uses it), `mean_hi` the one the sums subtracted.
+__device__ __forceinline__ GradMap finalize_grad(const BnArgs& a, u64 c, const Sums& s, float mean, float mean_hi,
+                                                 bool commit = true) {
   const bool training = (a.flags & BN_F_TRAINING) != 0;
   const double inv = training ? (double)__ldg(a.saved_invstd + c)
                               : (double)(float)(1.0 / sqrt((double)__ldg(a.running_var + c) + (double)a.eps));
@@ -322,9 +407,11 @@ __device__ __forceinline__ GradMap finalize_grad(const BnArgs& a, u64 c, const S
   GradMap g;
   g.mean = mean;
   g.a = (float)(w * inv);
+  const double sgx = centered_gx(s, mean, mean_hi);
   g.gmean = training ? (float)((double)s.g / a.m) : 0.f;
-  g.k = training ? (float)(-inv * inv * (double)s.gx / a.m) : 0.f;
-  if (a.dweight) a.dweight[c] = (float)((double)s.gx * inv);
+  g.k = training ? (float)(-inv * inv * sgx / a.m) : 0.f;
+  if (!commit) return g;
+  if (a.dweight) a.dweight[c] = (float)(sgx * inv);
   if (a.dbias) a.dbias[c] = s.g;
   const u64 C = a.c;
   a.params[c] = g.mean;

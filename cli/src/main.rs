@@ -54,6 +54,8 @@ impl DeviceArgs {
     }
 }
 
+// Parsed once per process: the size of the bench variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Backends found, CPU SIMD level, thread count, GPU details.

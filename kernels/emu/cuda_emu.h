@@ -5,6 +5,12 @@
 // __shared__, and the last-block handshake sees every other block's partials, as on a
 // GPU). Fibers switch only at barriers: deterministic, and fast on any core count.
 //
+// A cooperative launch (emu_launch_cooperative) runs every block of the grid side by side
+// instead: all its threads are fibers of one scheduler, each block with its own dynamic
+// shared memory, block barrier and warp buffers, so a grid-wide barrier (kernels that
+// spin on a counter call bn_pause(), which yields here) works as on a GPU. Kernels run that
+// way must not use static __shared__ (the persistent kernels use dynamic shared memory only).
+//
 // This checks the kernels' logic (indexing, tails, vector and scalar paths, splits and
 // the cross-block merge, fused paths, counter reset) without a GPU. It says nothing about
 // timing, the memory model under real concurrency, or the PTX compiler; see docs/cuda.md.
@@ -16,7 +22,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #define BN_HOST_EMULATION 1
@@ -36,57 +44,73 @@ struct EmuDim {
 // before it switches to a fiber.
 inline EmuDim threadIdx, blockIdx, blockDim, gridDim;
 
-// Dynamic shared memory: one buffer, refilled with NaN before every block.
-inline std::vector<float> g_emu_smem;
-#define BN_DYNAMIC_SMEM(name) float* name = g_emu_smem.data()
+// Dynamic shared memory: one buffer per resident block, refilled with NaN before the block
+// runs; the scheduler points g_emu_smem_ptr at the running fiber's block's buffer.
+inline std::vector<std::vector<float>> g_emu_smem;
+inline float* g_emu_smem_ptr = nullptr;
+#define BN_DYNAMIC_SMEM(name) float* name = g_emu_smem_ptr
 
 // ---------------------------------------------------------------- fibers
 // A fiber is entered once through makecontext/swapcontext; after that fibers and the
 // scheduler switch with _setjmp/_longjmp, which (unlike swapcontext) make no system call.
 // Build without _FORTIFY_SOURCE (its longjmp check rejects jumps between stacks).
-struct EmuFiber {
-  ucontext_t ctx;
-  jmp_buf jb;
-  std::vector<char> stack;
-  bool started = false, done = false;
-};
 struct EmuBarrier {
   unsigned n = 0, arrived = 0, generation = 0;
 };
+struct EmuFiber {
+  ucontext_t ctx;
+  jmp_buf jb;
+  std::unique_ptr<char[]> stack;  // not value-initialized: pages are committed as touched
+  bool started = false, done = false;
+  EmuDim tid, bid;
+  unsigned slot = 0;  // index of its block among the resident ones
+};
+struct EmuBlock {
+  EmuBarrier barrier;
+  std::vector<EmuBarrier> warp_barriers;
+  float warp_vals[8][32];
+};
+constexpr size_t kEmuStack = 128 * 1024;
 inline std::vector<EmuFiber> g_fibers;
+inline std::vector<EmuBlock> g_blocks;
 inline ucontext_t g_sched_ctx;
 inline jmp_buf g_sched_jb;
 inline unsigned g_current = 0;
 inline std::function<void()> g_job;
-inline EmuBarrier g_block_barrier;
-inline std::vector<EmuBarrier> g_warp_barriers;
-inline float g_warp_vals[8][32];
 
 inline void emu_yield() {
   if (!_setjmp(g_fibers[g_current].jb)) _longjmp(g_sched_jb, 1);
 }
+
+// Completed barriers and finished fibers: the scheduler's measure of progress.
+inline unsigned long long g_progress = 0;
 
 inline void emu_wait(EmuBarrier& b) {
   const unsigned gen = b.generation;
   if (++b.arrived == b.n) {
     b.arrived = 0;
     ++b.generation;
+    ++g_progress;
     return;
   }
   while (b.generation == gen) emu_yield();
 }
 
 inline unsigned emu_tid() { return threadIdx.y * blockDim.x + threadIdx.x; }
+inline EmuBlock& emu_block() { return g_blocks[g_fibers[g_current].slot]; }
 
-inline void __syncthreads() { emu_wait(g_block_barrier); }
+inline void __syncthreads() { emu_wait(emu_block().barrier); }
 inline void __threadfence() {}
+// Spin-wait hint of the kernels (device: nanosleep); here: let the other fibers run.
+inline void bn_pause() { emu_yield(); }
 
 inline float __shfl_down_sync(unsigned, float v, int off) {
   const unsigned tid = emu_tid(), warp = tid / 32, lane = tid % 32;
-  g_warp_vals[warp][lane] = v;
-  emu_wait(g_warp_barriers[warp]);
-  const float r = lane + off < 32 ? g_warp_vals[warp][lane + off] : v;
-  emu_wait(g_warp_barriers[warp]);
+  EmuBlock& b = emu_block();
+  b.warp_vals[warp][lane] = v;
+  emu_wait(b.warp_barriers[warp]);
+  const float r = lane + off < 32 ? b.warp_vals[warp][lane + off] : v;
+  emu_wait(b.warp_barriers[warp]);
   return r;
 }
 
@@ -119,6 +143,7 @@ inline float __uint_as_float(unsigned u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+inline void __trap() { std::abort(); }
 
 struct float4 {
   float x, y, z, w;
@@ -146,11 +171,77 @@ inline unsigned short emu_f32_to_f16(float f) {
 inline void emu_fiber_main() {
   g_job();
   g_fibers[g_current].done = true;
+  ++g_progress;
   _longjmp(g_sched_jb, 1);  // never returns
 }
 
-// Run kernel(args) over the grid, one block at a time; a block's threads are fibers that
-// the scheduler resumes round-robin, each running until it waits at a barrier or ends.
+// Run `blocks` (linear block indices) side by side: each block's threads are fibers that
+// the scheduler resumes round-robin, each running until it waits at a barrier (or spins
+// in bn_pause) or ends.
+inline void emu_run_blocks(const std::vector<unsigned>& blocks, EmuDim grid, EmuDim block, size_t smem_bytes) {
+  const unsigned threads = block.x * block.y * block.z;
+  const size_t nf = (size_t)threads * blocks.size();
+  if (g_fibers.size() < nf) g_fibers.resize(nf);
+  g_blocks.resize(std::max(g_blocks.size(), blocks.size()));
+  if (g_emu_smem.size() < blocks.size()) g_emu_smem.resize(blocks.size());
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const unsigned lin = blocks[b];
+    const EmuDim bid{lin % grid.x, (lin / grid.x) % grid.y, lin / (grid.x * grid.y)};
+    g_emu_smem[b].assign(smem_bytes / 4 + 1, std::nanf(""));
+    g_blocks[b].barrier = EmuBarrier{threads, 0, 0};
+    g_blocks[b].warp_barriers.assign(threads / 32, EmuBarrier{32, 0, 0});
+    for (unsigned t = 0; t < threads; ++t) {
+      EmuFiber& f = g_fibers[b * threads + t];
+      if (!f.stack) f.stack.reset(new char[kEmuStack]);
+      f.done = false;
+      f.started = false;
+      f.slot = (unsigned)b;
+      f.bid = bid;
+      f.tid = EmuDim{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.get();
+      f.ctx.uc_stack.ss_size = kEmuStack;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, emu_fiber_main, 0);
+    }
+  }
+  // One block at a time, each as far as it gets (until a whole pass over its fibers
+  // completes no barrier: it waits for other blocks), so blocks run far out of step with
+  // each other, as they may on a GPU: a missing grid-wide barrier shows.
+  auto resume = [&](size_t i) {
+    EmuFiber& f = g_fibers[i];
+    g_current = (unsigned)i;
+    threadIdx = f.tid;
+    blockIdx = f.bid;
+    g_emu_smem_ptr = g_emu_smem[f.slot].data();
+    if (!_setjmp(g_sched_jb)) {
+      if (!f.started) {
+        f.started = true;
+        swapcontext(&g_sched_ctx, &f.ctx);  // the fiber leaves with _longjmp
+      } else {
+        _longjmp(f.jb, 1);
+      }
+    }
+  };
+  for (bool running = true; running;) {
+    running = false;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      for (bool moved = true; moved;) {
+        const unsigned long long before = g_progress;
+        bool live = false;
+        for (size_t i = b * threads; i < (b + 1) * threads; ++i) {
+          if (g_fibers[i].done) continue;
+          live = true;
+          resume(i);
+        }
+        running |= live;
+        moved = live && g_progress != before;
+      }
+    }
+  }
+}
+
+// Run kernel(args) over the grid, one block at a time (as an ordinary launch may).
 template <class Args>
 void emu_launch(void (*kernel)(const Args), EmuDim grid, EmuDim block, size_t smem_bytes, const Args& args) {
   const unsigned threads = block.x * block.y * block.z;
@@ -158,42 +249,20 @@ void emu_launch(void (*kernel)(const Args), EmuDim grid, EmuDim block, size_t sm
   blockDim = block;
   gridDim = grid;
   g_job = [&] { kernel(args); };
-  g_fibers.resize(threads);
-  g_warp_barriers.assign(threads / 32, EmuBarrier{32, 0, 0});
-  for (auto& f : g_fibers)
-    if (f.stack.empty()) f.stack.resize(256 * 1024);
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        g_emu_smem.assign(smem_bytes / 4 + 1, std::nanf(""));
-        g_block_barrier = EmuBarrier{threads, 0, 0};
-        blockIdx = EmuDim{bx, by, bz};
-        for (auto& f : g_fibers) {
-          f.done = false;
-          f.started = false;
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
-          f.ctx.uc_link = nullptr;
-          makecontext(&f.ctx, emu_fiber_main, 0);
-        }
-        for (bool running = true; running;) {
-          running = false;
-          for (unsigned t = 0; t < threads; ++t) {
-            if (g_fibers[t].done) continue;
-            running = true;
-            g_current = t;
-            threadIdx = EmuDim{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            EmuFiber& f = g_fibers[t];
-            if (!_setjmp(g_sched_jb)) {
-              if (!f.started) {
-                f.started = true;
-                swapcontext(&g_sched_ctx, &f.ctx);  // the fiber leaves with _longjmp
-              } else {
-                _longjmp(f.jb, 1);
-              }
-            }
-          }
-        }
-      }
+  const unsigned n = grid.x * grid.y * grid.z;
+  for (unsigned lin = 0; lin < n; ++lin) emu_run_blocks({lin}, grid, block, smem_bytes);
+}
+
+// A cooperative launch: every block of the grid resident at once.
+template <class Args>
+void emu_launch_cooperative(void (*kernel)(const Args), EmuDim grid, EmuDim block, size_t smem_bytes,
+                            const Args& args) {
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads != 256) std::abort();
+  blockDim = block;
+  gridDim = grid;
+  g_job = [&] { kernel(args); };
+  std::vector<unsigned> all(grid.x * grid.y * grid.z);
+  for (unsigned i = 0; i < all.size(); ++i) all[i] = i;
+  emu_run_blocks(all, grid, block, smem_bytes);
 }

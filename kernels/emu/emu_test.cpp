@@ -11,6 +11,7 @@
 #include "../fwd_stats.cu"
 #include "../normalize.cu"
 #include "../backward.cu"
+#include "../persistent.cu"
 // clang-format on
 
 #include <cstdio>
@@ -29,6 +30,11 @@ static std::map<std::string, Kernel> kernels() {
   KT(bn_bwd_reduce_nchw) KT(bn_bwd_reduce_nhwc) KT(bn_bwd_dx_nchw) KT(bn_bwd_dx_nhwc)
 #undef KT
 #undef K
+#define P(n) m[#n] = n;
+#define PT(stem) P(stem##_f32) P(stem##_f16) P(stem##_bf16)
+  PT(bn_fwd_persist_nchw) PT(bn_fwd_persist_nhwc) PT(bn_bwd_persist_nchw) PT(bn_bwd_persist_nhwc)
+#undef PT
+#undef P
   return m;
 }
 static std::map<std::string, Kernel> g_k = kernels();
@@ -108,6 +114,7 @@ static u32 next_pow2(u32 v) {
 struct Config {
   bool vec, wide, relu, add, fused, small_grid;
   int splits;
+  bool persist = false;  // the persistent kernels (splits > 1: a cooperative launch)
 };
 
 template <class E>
@@ -134,13 +141,13 @@ struct Runner {
     return (n * C() + c) * S() + s;
   }
   std::string name(const char* stem) const {
-    return std::string(stem) + (cs.rows ? "_nhwc_" : "_nchw_") + dt + (cf.wide ? "_i64" : "");
+    return std::string(stem) + (cs.rows ? "_nhwc_" : "_nchw_") + dt + (cf.wide && !cf.persist ? "_i64" : "");
   }
   std::string label(const char* op) const {
     char b[256];
-    std::snprintf(b, sizeof b, "%s %s %s n%d c%d s%d vec%d wide%d relu%d add%d fused%d splits%d small%d", op, dt,
-                  cs.rows ? "rows" : "planes", cs.n, cs.c, cs.s, cf.vec, cf.wide, cf.relu, cf.add, cf.fused, cf.splits,
-                  cf.small_grid);
+    std::snprintf(b, sizeof b, "%s %s %s n%d c%d s%d vec%d wide%d relu%d add%d fused%d splits%d small%d persist%d", op,
+                  dt, cs.rows ? "rows" : "planes", cs.n, cs.c, cs.s, cf.vec, cf.wide, cf.relu, cf.add, cf.fused,
+                  cf.splits, cf.small_grid, cf.persist);
     return b;
   }
 
@@ -156,6 +163,13 @@ struct Runner {
     for (u64 c = 0; c < C(); ++c)
       for (u64 m = 0; m < M(); ++m) v[idx(m, c)] = Host<E>::from(mu[c] + sd[c] * nd(rng));
     if (mu_out) *mu_out = mu;
+    return v;
+  }
+  // Every channel N(mean, sd) (no per-channel spread): gradients with a large common mean.
+  std::vector<T> gen_fixed(double mean, double sd) {
+    std::normal_distribution<double> nd;
+    std::vector<T> v(numel());
+    for (u64 i = 0; i < numel(); ++i) v[i] = Host<E>::from(mean + sd * nd(rng));
     return v;
   }
   std::vector<float> vecf(double mean, double sd) {
@@ -201,6 +215,41 @@ struct Runner {
     const u32 tiles = (cv + bdx - 1) / bdx;
     return {{cf.small_grid ? 1u : tiles, cf.small_grid ? 1u : 3u, 1}, {bdx, bdy, 1}, 0};
   }
+  // Persistent kernels: T stored tensors, REG register floats per tensor. Returns the
+  // geometry and sets a.slots to what the thread with the most slots needs.
+  Geometry persist_geo(int tensors, int reg, BnArgs& a) const {
+    const u32 v = (u32)V(), rs = std::max<u32>(1, (u32)reg / v);
+    const u32 splits = (u32)cf.splits;
+    if (!cs.rows) {
+      const u64 mv = (u64)cs.n * (S() / v);
+      const u64 nk = (mv + splits * 256 - 1) / (splits * 256);
+      a.slots = (u32)(nk > rs ? nk - rs : 0);
+      const u32 gx = splits > 1 ? (u32)C() : (cf.small_grid ? (u32)std::min<u64>(C(), 2) : (u32)C());
+      return {{gx, splits, 1}, {256, 1, 1}, (size_t)(BN_PERSIST_SCRATCH_CF + tensors * a.slots * v * 256) * 4};
+    }
+    const u32 cv = (u32)((C() + v - 1) / v);
+    const u32 bdx = std::min<u32>(32, next_pow2(cv)), bdy = 256 / bdx;
+    const u32 tiles = (cv + bdx - 1) / bdx;
+    const u64 nk = (N() + splits * bdy - 1) / (splits * bdy);
+    a.slots = (u32)(nk > rs ? nk - rs : 0);
+    const u32 gx = splits > 1 ? tiles : (cf.small_grid ? 1u : tiles);
+    return {{gx, splits, 1}, {bdx, bdy, 1}, (size_t)(3 * v * 256 + 4 * bdx * v + tensors * a.slots * v * 256) * 4};
+  }
+  void run_persist(const char* stem, int tensors, int reg, BnArgs& a) {
+    u32 barrier = 0;
+    u32* counters = a.counters;
+    a.counters = &barrier;
+    const Geometry g = persist_geo(tensors, reg, a);
+    auto it = g_k.find(name(stem));
+    if (it == g_k.end()) {
+      expect(false, "no kernel " + name(stem));
+      return;
+    }
+    if (cf.splits > 1) emu_launch_cooperative<BnArgs>(it->second, g.grid, g.block, g.smem, a);
+    else emu_launch<BnArgs>(it->second, g.grid, g.block, g.smem, a);
+    expect((barrier & 0x7fffffffu) == 0, label("persist barrier low bits back at 0"));
+    a.counters = counters;
+  }
   void run(const char* stem, const Geometry& g, const BnArgs& a) {
     auto it = g_k.find(name(stem));
     if (it == g_k.end()) {
@@ -237,14 +286,19 @@ struct Runner {
     a.counters = counters.data();
     a.factor = 0.1;
     const u32 f = flags() | BN_F_UNBIASED;
-    a.flags = f | (cf.fused ? BN_F_FUSED : 0);
-    run("bn_fwd_stats", reduce_geo(3, 3), a);
-    bool zero = true;
-    for (u32 c : counters) zero &= c == 0;
-    expect(zero, label("fwd counters reset"));
-    if (!cf.fused) {
+    if (cf.persist) {
       a.flags = f;
-      run("bn_fwd_norm", ew_geo(), a);
+      run_persist("bn_fwd_persist", 1, cs.rows ? BN_PERSIST_REG_FWD_CL : BN_PERSIST_REG_FWD, a);
+    } else {
+      a.flags = f | (cf.fused ? BN_F_FUSED : 0);
+      run("bn_fwd_stats", reduce_geo(3, 3), a);
+      bool zero = true;
+      for (u32 c : counters) zero &= c == 0;
+      expect(zero, label("fwd counters reset"));
+      if (!cf.fused) {
+        a.flags = f;
+        run("bn_fwd_norm", ew_geo(), a);
+      }
     }
 
     // reference
@@ -315,8 +369,9 @@ struct Runner {
   }
 
   // ------------------------------------------------------------ backward
-  void backward(bool training, bool want_param_grads, double offset) {
-    std::vector<T> x = gen(offset), dy = gen(0), y(numel());
+  // dy_mean > 0: dy = N(dy_mean, 0.5) in every channel (sum g large against sum g * xhat).
+  void backward(bool training, bool want_param_grads, double offset, double dy_mean = 0) {
+    std::vector<T> x = gen(offset), dy = dy_mean > 0 ? gen_fixed(dy_mean, 0.5) : gen(0), y(numel());
     std::vector<float> w = vecf(1, 0.3), rm = vecf(offset, 0.5), rv(C());
     for (auto& v : rv) v = 0.5f + (float)(rng() % 1000) / 700.f;
     std::vector<double> xd = as_double(x), dyd = as_double(dy);
@@ -358,7 +413,10 @@ struct Runner {
     a.counters = counters.data();
     const u32 f = (cf.vec ? BN_F_VEC : 0) | (cf.relu ? BN_F_RELU : 0) | (training ? BN_F_TRAINING : 0);
     const bool need_sums = training || want_param_grads;
-    if (need_sums) {
+    if (need_sums && cf.persist) {
+      a.flags = f;
+      run_persist("bn_bwd_persist", 2, BN_PERSIST_REG_BWD, a);
+    } else if (need_sums) {
       a.flags = f | (cf.fused ? BN_F_FUSED : 0);
       run("bn_bwd_reduce", reduce_geo(2, 4), a);
       bool zero = true;
@@ -399,7 +457,7 @@ struct Runner {
       }
     }
     const double r = ulp_rel(dt);
-    const char* mode = training ? "bwd" : "bwd_eval";
+    const char* mode = dy_mean > 0 ? (training ? "bwd dy_mean" : "bwd_eval dy_mean") : (training ? "bwd" : "bwd_eval");
     compare(label((std::string(mode) + " dx").c_str()), as_double(dx), dxr, 2 * r,
             2 * r + 1e-5 * (1 + std::fabs(offset)));
     if (cf.add) compare(label((std::string(mode) + " dz").c_str()), as_double(dz), dzr, r, 0);
@@ -450,14 +508,72 @@ static void sweep(const char* dt) {
   }
 }
 
+// The backward sums with dy of a large common mean on channels of M = 20480 (the CPU
+// backend's 4x3x64x80 case): sum g * (x - mean) with f16/bf16 x and an f32 mean rounds
+// x - mean the same way for every x of a binade, a bias that sum g multiplies. The
+// kernels subtract the mean rounded to the activation type and correct the total in f64.
+template <class E>
+static void sweep_grad_bias(const char* dt) {
+  const Case cases[] = {{4, 3, 5120, false}, {40, 12, 512, true}};
+  for (const Case& cs : cases)
+    for (int variant = 0; variant < 3; ++variant) {
+      Config cf{};
+      cf.vec = true;  // both shapes are vector-divisible
+      const int splits[3] = {1, 1, 4};
+      cf.splits = splits[variant];
+      cf.fused = variant == 1;
+      Runner<E> r{dt, cs, cf};
+      r.rng.seed(77 + variant);
+      r.backward(true, true, 0.0, 2.0);
+      r.backward(false, true, 0.0, 2.0);
+    }
+}
+
+// The persistent kernels: channel (tile) loops with one split, cooperative grids with
+// several (every block resident, a grid-wide barrier), register-only and shared-memory
+// storage, scalar and vector paths, fusions; and the gradient-bias shapes.
+template <class E>
+static void sweep_persistent(const char* dt) {
+  const Case cases[] = {
+      {2, 3, 5, false},  {4, 5, 16, false}, {3, 2, 64, false},  {1, 1, 2, false},  {2, 7, 24, false},
+      {5, 3, 1000, false}, {4, 3, 5120, false}, {2, 8, 7, true}, {5, 64, 3, true}, {3, 3, 4, true},
+      {9, 1, 1, true},   {40, 12, 7, true}, {3, 260, 2, true},  {40, 12, 512, true},
+  };
+  for (const Case& cs : cases) {
+    const int V = cs.rows ? BN_VEC_CL : 16 / (int)sizeof(typename E::T);
+    const bool divisible = (cs.rows ? cs.c : cs.s) % V == 0;
+    for (int vec = 0; vec <= (divisible ? 1 : 0); ++vec)
+      for (int variant = 0; variant < 4; ++variant) {
+        Config cf{};
+        cf.persist = true;
+        cf.vec = vec;
+        cf.relu = variant & 1;
+        cf.add = (variant >> 1) & 1;
+        const int splits[4] = {1, 3, 1, 2};
+        cf.splits = splits[variant];
+        cf.small_grid = variant == 2;
+        // a cooperative grid runs every block at once here: keep it small
+        const u64 items = cs.rows ? (u64)((cs.c + V - 1) / V + 31) / 32 : (u64)cs.c;
+        if (cf.splits > 1 && items * cf.splits > 24) cf.splits = 1;
+        Runner<E> r{dt, cs, cf};
+        r.rng.seed(500 + 1000 * cs.c + 10 * cs.s + variant);
+        const double offset = sizeof(typename E::T) == 4 ? 1e4 : (std::string(dt) == "f16" ? 100.0 : 10.0);
+        r.forward(variant == 1 ? offset : 0.0);
+        r.backward(true, true, 0.0);
+        r.backward(false, true, 0.0);
+        if (cs.n * cs.s >= 5000) r.backward(true, true, 0.0, 2.0);
+      }
+  }
+}
+
 // Usage: emu_test [f32|f16|bf16 ...]   (default: all three)
 int main(int argc, char** argv) {
   std::vector<std::string> which(argv + 1, argv + argc);
   if (which.empty()) which = {"f32", "f16", "bf16"};
   for (const std::string& t : which) {
-    if (t == "f32") sweep<F32>("f32");
-    else if (t == "f16") sweep<F16>("f16");
-    else if (t == "bf16") sweep<BF16>("bf16");
+    if (t == "f32") sweep<F32>("f32"), sweep_grad_bias<F32>("f32"), sweep_persistent<F32>("f32");
+    else if (t == "f16") sweep<F16>("f16"), sweep_grad_bias<F16>("f16"), sweep_persistent<F16>("f16");
+    else if (t == "bf16") sweep<BF16>("bf16"), sweep_grad_bias<BF16>("bf16"), sweep_persistent<BF16>("bf16");
     else {
       std::fprintf(stderr, "unknown dtype %s\n", t.c_str());
       return 2;

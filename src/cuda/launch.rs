@@ -115,7 +115,8 @@ pub(crate) struct BnArgs {
     pub factor: f64,
     pub eps: f32,
     pub flags: u32,
-    pub pad0: u32,
+    /// Persistent kernels: storage slots per thread in dynamic shared memory.
+    pub slots: u32,
     pub pad1: u32,
 }
 
@@ -131,6 +132,12 @@ unsafe impl cudarc::driver::DeviceRepr for BnArgs {}
 pub(crate) struct Caps {
     pub sms: u32,
     pub l2_bytes: u64,
+    /// Shared memory per multiprocessor, bytes (the persistent kernels' storage).
+    pub smem_per_sm: u64,
+    /// Largest dynamic shared memory one block may opt in to, bytes.
+    pub smem_per_block: u64,
+    /// Cooperative launches supported (every block of the grid resident, grid-wide barrier).
+    pub cooperative: bool,
 }
 
 impl Caps {
@@ -327,6 +334,97 @@ pub(crate) fn plan_reduce(
     }
 }
 
+// ---------------------------------------------------------------- persistent kernels
+
+/// Floats per stored tensor a thread keeps in registers (`BN_PERSIST_REG_*`,
+/// kernels/persistent.cu): forward channels-first, forward channels-last, backward.
+pub(crate) const PERSIST_REG_FWD: usize = 32;
+pub(crate) const PERSIST_REG_FWD_CL: usize = 16;
+pub(crate) const PERSIST_REG_BWD: usize = 16;
+/// Floats of dynamic shared memory before the storage, channels-first kernels.
+pub(crate) const PERSIST_SCRATCH_CF: usize = 64;
+/// `__launch_bounds__(256, 2)`: the plan counts on two resident blocks per SM.
+pub(crate) const PERSIST_MIN_BLOCKS: u32 = 2;
+/// Shared memory the driver reserves per block (bytes, sm_80 / sm_90).
+const SMEM_RESERVED_PER_BLOCK: u64 = 1024;
+
+/// Launch plan of a persistent kernel (`bn_{fwd,bwd}_persist_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PersistPlan {
+    pub geo: Geometry,
+    /// Blocks per channel (tile); > 1 means a cooperative launch with a grid-wide barrier.
+    pub splits: usize,
+    /// Storage slots per thread in shared memory (`BnArgs::slots`).
+    pub slots: u32,
+    /// Partial-result slots in the workspace (`C * splits` when split, else 0).
+    pub partial_slots: usize,
+}
+
+impl PersistPlan {
+    pub(crate) fn cooperative(&self) -> bool {
+        self.splits > 1
+    }
+    /// Blocks of the grid (what must be resident at once when cooperative).
+    pub(crate) fn blocks(&self) -> usize {
+        self.geo.grid.0 as usize * self.geo.grid.1 as usize
+    }
+}
+
+/// Plan the persistent path for `p` with `v`-element steps and `tensors` stored tensors
+/// (1: forward, x; 2: backward, x and g), or `None` when a channel's (tile's) share does not
+/// fit on chip. Splits == 1: one block per channel (tile) at a time, an ordinary launch
+/// (the kernel loops over channels). Otherwise a block per (channel or tile, split), every
+/// block resident (two per SM), launched cooperatively; chosen when there are fewer
+/// channels (tiles) than resident blocks, so small-C tensors still use the whole GPU.
+pub(crate) fn plan_persistent(caps: &Caps, p: Pattern, v: usize, tensors: usize) -> Option<PersistPlan> {
+    let (items, work, per_step, block, scratch, reg) = match p {
+        Pattern::Planes { n, c, s } => {
+            let reg = if tensors == 2 { PERSIST_REG_BWD } else { PERSIST_REG_FWD };
+            (c, n * (s / v), THREADS as usize, (THREADS, 1, 1), PERSIST_SCRATCH_CF, reg)
+        }
+        Pattern::Rows { rows, c } => {
+            let (bdx, bdy) = rows_block(c, v);
+            let reg = if tensors == 2 { PERSIST_REG_BWD } else { PERSIST_REG_FWD_CL };
+            let scratch = 3 * v * THREADS as usize + 4 * bdx as usize * v;
+            (c.div_ceil(bdx as usize * v), rows, bdy as usize, (bdx, bdy, 1), scratch, reg)
+        }
+    };
+    let rs = (reg / v).max(1);
+    // shared memory of one block when two share an SM
+    let budget = (caps.smem_per_sm / PERSIST_MIN_BLOCKS as u64).saturating_sub(SMEM_RESERVED_PER_BLOCK);
+    let budget = budget.min(caps.smem_per_block) as usize / 4;
+    let slot_floats = tensors * v * THREADS as usize;
+    let max_slots = budget.checked_sub(scratch)? / slot_floats;
+    let capacity = rs + max_slots; // vectors (rows) per thread
+    let resident = caps.sms as usize * PERSIST_MIN_BLOCKS as usize;
+    let need = |splits: usize| work.div_ceil(splits * per_step);
+    let min_splits = work.div_ceil(capacity * per_step).max(1);
+    let splits = if items >= resident || !caps.cooperative {
+        1
+    } else {
+        // as many blocks as can be resident, but at least what the storage needs
+        (resident / items).min(work.div_ceil(per_step)).max(min_splits)
+    };
+    if need(splits) > capacity || (splits > 1 && (items * splits > resident || splits > MAX_GRID_Y)) {
+        return None;
+    }
+    let slots = need(splits).saturating_sub(rs);
+    let smem = (scratch + slots * slot_floats) * 4;
+    let grid_x = if splits > 1 { items } else { items.min(MAX_GRID_X) };
+    Some(PersistPlan {
+        geo: Geometry { grid: (grid_x as u32, splits as u32, 1), block, smem: smem as u32 },
+        splits,
+        slots: slots as u32,
+        partial_slots: if splits > 1 { items_channels(p) * splits } else { 0 },
+    })
+}
+
+fn items_channels(p: Pattern) -> usize {
+    match p {
+        Pattern::Planes { c, .. } | Pattern::Rows { c, .. } => c,
+    }
+}
+
 /// Plan an elementwise kernel (normalize, dx) over `p` with `v`-element steps.
 pub(crate) fn plan_elementwise(caps: &Caps, p: Pattern, v: usize) -> Geometry {
     let u = ew_unroll(v);
@@ -352,8 +450,10 @@ mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
-    const H100: Caps = Caps { sms: 132, l2_bytes: 50 << 20 };
-    const SMALL: Caps = Caps { sms: 4, l2_bytes: 4 << 20 };
+    const H100: Caps =
+        Caps { sms: 132, l2_bytes: 50 << 20, smem_per_sm: 228 << 10, smem_per_block: 227 << 10, cooperative: true };
+    const SMALL: Caps =
+        Caps { sms: 4, l2_bytes: 4 << 20, smem_per_sm: 100 << 10, smem_per_block: 99 << 10, cooperative: false };
 
     fn planes(n: usize, c: usize, s: usize) -> Pattern {
         Pattern::Planes { n, c, s }
@@ -563,6 +663,141 @@ mod tests {
         assert!(p.fused);
         assert!(fits_l2(&SMALL, 8, 256 << 10));
         assert!(!fits_l2(&SMALL, 9, 256 << 10));
+    }
+
+    #[test]
+    fn persistent_plans_keep_a_channel_on_chip() {
+        // resnet 2048x7x7 at batch 256, f32 channels-first: 12544 values per channel, one
+        // block per channel at a time (49 scalar values per thread: 32 in registers)
+        let p = plan_persistent(&H100, planes(256, 2048, 49), 1, 1).unwrap();
+        assert_eq!(p.splits, 1);
+        assert!(!p.cooperative());
+        assert_eq!(p.geo.grid, (2048, 1, 1));
+        assert_eq!(p.slots, 49 - 32);
+        assert_eq!(p.geo.smem as usize, (PERSIST_SCRATCH_CF + 17 * 256) * 4);
+        assert_eq!(p.partial_slots, 0);
+        // backward stores x and g: 16 registers each, the rest in shared memory
+        let b = plan_persistent(&H100, planes(256, 2048, 49), 1, 2).unwrap();
+        assert_eq!((b.splits, b.slots), (1, 49 - 16));
+        assert_eq!(b.geo.smem as usize, (PERSIST_SCRATCH_CF + 2 * 33 * 256) * 4);
+        // a 56x56 channel at batch 256 (802816 values) fits nowhere
+        assert!(plan_persistent(&H100, planes(256, 256, 3136), 4, 1).is_none());
+        // every plan stays within the shared memory of two blocks per SM
+        for (pat, v, t) in [
+            (planes(256, 512, 196), 4, 1),
+            (planes(256, 512, 196), 4, 2),
+            (rows(4096, 1024), 4, 1),
+            (rows(4096, 1024), 4, 2),
+            (rows(256, 4096), 4, 2),
+            (planes(64, 4, 1024), 4, 1),
+        ] {
+            if let Some(p) = plan_persistent(&H100, pat, v, t) {
+                assert!(p.geo.smem as u64 <= H100.smem_per_sm / 2 - 1024, "{pat:?}: {p:?}");
+                if p.cooperative() {
+                    assert!(p.blocks() <= 2 * 132, "{pat:?}: {p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn persistent_plans_split_small_c_cooperatively() {
+        // BatchNorm1d (4096, 1024) f32: 8 tiles of 128 channels, 4096 rows each
+        let p = plan_persistent(&H100, rows(4096, 1024), 4, 1).unwrap();
+        assert!(p.cooperative(), "{p:?}");
+        assert_eq!(p.geo.grid.0, 8);
+        assert!(p.blocks() <= 264);
+        assert_eq!(p.geo.block, (32, 8, 1));
+        assert_eq!(p.partial_slots, 1024 * p.splits);
+        let per_thread = 4096usize.div_ceil(p.splits * 8);
+        assert_eq!(p.slots as usize, per_thread.saturating_sub(PERSIST_REG_FWD_CL / 4));
+        // C = 4, M = 65536: 64 splits per channel (one vector per thread), 256 blocks
+        let q = plan_persistent(&H100, planes(64, 4, 1024), 4, 1).unwrap();
+        assert_eq!(q.geo.grid, (4, 64, 1));
+        assert_eq!(q.slots, 0, "{q:?}");
+        // without cooperative launches: one block per channel, if that fits
+        assert_eq!(plan_persistent(&SMALL, planes(8, 4, 1024), 4, 1).unwrap().splits, 1);
+        assert!(plan_persistent(&SMALL, planes(64, 4, 1024), 4, 1).is_none());
+        // too large for the whole chip even when split
+        assert!(plan_persistent(&H100, planes(8, 64, 16 * 56 * 56), 4, 1).is_none());
+    }
+
+    /// tests/gpu_persistent.rs picks its shapes for these paths (on an H100).
+    #[test]
+    fn persistent_gpu_tests_take_the_paths_they_mean_to() {
+        let a = plan_persistent(&H100, planes(40, 270, 256), 4, 1).unwrap();
+        assert_eq!((a.splits, a.slots), (1, 10 - 8), "{a:?}");
+        let b = plan_persistent(&H100, planes(256, 300, 49), 1, 1).unwrap();
+        assert_eq!((b.splits, b.slots), (1, 49 - 32), "{b:?}");
+        let b2 = plan_persistent(&H100, planes(256, 300, 49), 1, 2).unwrap();
+        assert_eq!((b2.splits, b2.slots), (1, 49 - 16), "{b2:?}");
+        assert!(plan_persistent(&H100, rows(32 * 64, 8), 4, 1).unwrap().cooperative());
+        assert!(plan_persistent(&H100, rows(32 * 64, 8), 4, 2).unwrap().cooperative());
+        assert!(plan_persistent(&H100, planes(2, 3, 9600), 8, 1).unwrap().cooperative());
+        assert!(plan_persistent(&H100, planes(64, 8, 784), 4, 2).unwrap().cooperative());
+        assert!(plan_persistent(&H100, rows(4096, 256), 4, 1).unwrap().cooperative());
+    }
+
+    #[test]
+    fn persistent_constants_match_the_kernels() {
+        let cu = include_str!("../../kernels/persistent.cu");
+        for (name, want) in [
+            ("BN_PERSIST_REG_FWD", PERSIST_REG_FWD),
+            ("BN_PERSIST_REG_FWD_CL", PERSIST_REG_FWD_CL),
+            ("BN_PERSIST_REG_BWD", PERSIST_REG_BWD),
+            ("BN_PERSIST_SCRATCH_CF", PERSIST_SCRATCH_CF),
+        ] {
+            assert!(cu.contains(&format!("#define {name} {want}\n")), "persistent.cu: #define {name} {want}");
+        }
+        assert!(cu.contains(&format!("__launch_bounds__(BN_THREADS, {PERSIST_MIN_BLOCKS})")));
+    }
+
+    /// The launch plans of the resnet50 batch-256 shapes on an H100 (docs/perf-notes.md):
+    /// `cargo test --release -p bnorm --lib resnet_plans -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "prints the plans of docs/perf-notes.md"]
+    fn resnet_plans() {
+        let shapes = [
+            (64, 112, 112),
+            (64, 56, 56),
+            (256, 56, 56),
+            (128, 56, 56),
+            (128, 28, 28),
+            (512, 28, 28),
+            (256, 28, 28),
+            (256, 14, 14),
+            (1024, 14, 14),
+            (512, 14, 14),
+            (512, 7, 7),
+            (2048, 7, 7),
+        ];
+        println!("| shape | dtype layout | V | fwd: grid, splits, fused | bwd: grid, splits, fused | persistent fwd | persistent bwd |");
+        for (c, h, w) in shapes {
+            for (eb, rows) in [(4usize, false), (2, true)] {
+                let p = if rows { Pattern::Rows { rows: 256 * h * w, c } } else { planes(256, c, h * w) };
+                let v = if use_vectors(p, eb, &[0]) { vector_elems(p, eb) } else { 1 };
+                let f = plan_reduce(&H100, p, v, Reduction::Moments, eb, true);
+                let b = plan_reduce(&H100, p, v, Reduction::GradSums, 2 * eb, true);
+                let pp = |t| match plan_persistent(&H100, p, v, t) {
+                    Some(q) => {
+                        format!("{:?} slots {}{}", q.geo.grid, q.slots, if q.cooperative() { " coop" } else { "" })
+                    }
+                    None => "-".into(),
+                };
+                println!(
+                    "| 256x{c}x{h}x{w} | {} | {v} | {:?} {} {} | {:?} {} {} | {} | {} |",
+                    if rows { "f16 cl" } else { "f32 cf" },
+                    f.geo.grid,
+                    f.splits,
+                    f.fused,
+                    b.geo.grid,
+                    b.splits,
+                    b.fused,
+                    pp(1),
+                    pp(2)
+                );
+            }
+        }
     }
 
     #[test]

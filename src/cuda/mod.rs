@@ -43,6 +43,14 @@ struct Inner {
     caps: Caps,
     registry: Registry,
     workspace: Mutex<Option<Workspace>>,
+    /// `BNORM_CUDA_PERSISTENT=1` when the device was opened: use the persistent kernels
+    /// where a channel fits on chip (not yet measured on a GPU, so off by default).
+    persistent: bool,
+}
+
+/// Whether `BNORM_CUDA_PERSISTENT` asks for the persistent kernels (`1`, `true`, `yes`).
+fn persistent_requested() -> bool {
+    matches!(std::env::var("BNORM_CUDA_PERSISTENT").as_deref(), Ok("1") | Ok("true") | Ok("yes"))
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -124,6 +132,9 @@ impl CudaDevice {
         let caps = Caps {
             sms: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32,
             l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as u64,
+            smem_per_sm: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?.max(0) as u64,
+            smem_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as u64,
+            cooperative: attr(Attr::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? != 0,
         };
         Ok(CudaDevice {
             inner: Arc::new(Inner {
@@ -134,6 +145,7 @@ impl CudaDevice {
                 cc,
                 caps,
                 workspace: Mutex::new(None),
+                persistent: persistent_requested(),
             }),
         })
     }
@@ -187,6 +199,12 @@ impl CudaDevice {
 
     pub(crate) fn caps(&self) -> &Caps {
         &self.inner.caps
+    }
+
+    /// Whether the ops use the persistent kernels where they fit (`BNORM_CUDA_PERSISTENT=1`
+    /// when the device was opened; docs/cuda.md).
+    pub fn persistent(&self) -> bool {
+        self.inner.persistent
     }
 
     pub(crate) fn registry(&self) -> &Registry {
@@ -270,11 +288,13 @@ pub fn device_count() -> usize {
 // ---------------------------------------------------------------- workspace
 
 /// Device scratch memory of a [`CudaDevice`]'s ops, used in stream order:
-/// `[counters: u32 x counter_cap][pad to 256 B][floats: f32 x float_cap]`.
+/// `[barrier: u32][pad to 256 B][counters: u32 x counter_cap][pad to 256 B][floats: f32 x float_cap]`.
 ///
 /// The counters are zeroed once, when the buffer is allocated; every kernel that uses one
 /// leaves it at zero again (the last block of a channel resets it), so no op needs a
-/// memset. The counter region never moves within a buffer, and nothing else is ever
+/// memset. The barrier word is the grid-wide barrier of the persistent kernels' cooperative
+/// launches: its bit 31 flips at every barrier and its low bits return to 0, so it needs no
+/// reset either; nothing else touches it. The counter region never moves within a buffer, and nothing else is ever
 /// written there. The float region holds the per-channel parameters handed from a
 /// reduction kernel to its elementwise pass (`4 x C`) and the split partials.
 pub(crate) struct Workspace {
@@ -286,10 +306,14 @@ pub(crate) struct Workspace {
 /// Device addresses of a workspace's regions for one op.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkspacePtrs {
+    pub barrier: u64,
     pub counters: u64,
     pub params: u64,
     pub partials: u64,
 }
+
+/// Bytes before the counters: the barrier word, padded.
+const BARRIER_BYTES: usize = 256;
 
 fn counter_bytes(counters: usize) -> usize {
     (counters * 4).div_ceil(256) * 256
@@ -310,7 +334,7 @@ impl Workspace {
             let (c0, f0) = slot.as_ref().map_or((0, 0), |w| (w.counter_cap, w.float_cap));
             let counter_cap = counters.max(c0).max(1024);
             let float_cap = floats.max(f0 + f0 / 2).max(16 * 1024);
-            let bytes = counter_bytes(counter_cap) + float_cap * 4;
+            let bytes = BARRIER_BYTES + counter_bytes(counter_cap) + float_cap * 4;
             let buf = stream
                 .alloc_zeros::<u8>(bytes)
                 .map_err(|e| cuda_err("allocating the workspace", format!("{bytes} bytes: {e}")))?;
@@ -328,8 +352,9 @@ impl Workspace {
     ) -> (WorkspacePtrs, cudarc::driver::SyncOnDrop<'a>) {
         let counter_region = counter_bytes(self.counter_cap) as u64;
         let (base, guard) = self.buf.device_ptr_mut(stream);
-        let params = base + counter_region;
-        (WorkspacePtrs { counters: base, params, partials: params + (params_floats * 4) as u64 }, guard)
+        let counters = base + BARRIER_BYTES as u64;
+        let params = counters + counter_region;
+        (WorkspacePtrs { barrier: base, counters, params, partials: params + (params_floats * 4) as u64 }, guard)
     }
 }
 

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::ops::{Backward, BackwardStats, ForwardInference, ForwardTraining};
 use crate::shape::{Pattern, Shape};
 use crate::validate;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, PushKernelArg, SyncOnDrop};
 use std::mem::size_of;
 
@@ -140,6 +141,71 @@ fn launch(d: &CudaDevice, family: Family, name: &str, geo: Geometry, args: &BnAr
     unsafe { b.launch(geo.config()) }.map(|_| ()).map_err(|e| cuda_err("cuLaunchKernel", format!("{name}: {e}")))
 }
 
+/// The persistent path (kernels/persistent.cu), when the device asks for it
+/// (`BNORM_CUDA_PERSISTENT=1`) and a channel's share fits on chip: one launch that reads the
+/// activations once. `family` is `FwdPersist` (stores x; partials of 3 moments) or
+/// `BwdPersist` (stores x and g; partials of 2 sums); `args` is complete but for the
+/// workspace. Returns `Ok(false)`, with nothing enqueued, when the path does not apply (the
+/// caller then takes the usual one), including when the device cannot keep a cooperative
+/// grid resident.
+fn try_persistent(
+    d: &CudaDevice,
+    family: Family,
+    p: Pattern,
+    dtype: crate::dtype::DType,
+    v: usize,
+    args: &mut BnArgs,
+) -> Result<bool> {
+    let (tensors, fields) = if family == Family::BwdPersist { (2, 2) } else { (1, 3) };
+    if !d.persistent() || launch::wide_index(args.numel as usize) {
+        return Ok(false);
+    }
+    let Some(plan) = launch::plan_persistent(d.caps(), p, v, tensors) else {
+        return Ok(false);
+    };
+    let name = kernel_name(family, p, dtype, false);
+    let f = d.registry().function(family, &name)?;
+    let smem = plan.geo.smem as i32;
+    if smem > 48 * 1024 {
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            .map_err(|e| cuda_err("cuFuncSetAttribute", format!("{name}: {smem} bytes of shared memory: {e}")))?;
+    }
+    if plan.cooperative() {
+        let threads = plan.geo.block.0 * plan.geo.block.1;
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(threads, plan.geo.smem as usize, None)
+            .map_err(|e| cuda_err("cuOccupancyMaxActiveBlocksPerMultiprocessor", format!("{name}: {e}")))?;
+        if (per_sm as usize) * (d.caps().sms as usize) < plan.blocks() {
+            return Ok(false);
+        }
+    }
+    let c = args.c as usize;
+    let mut slot = d.workspace();
+    let ws = Workspace::ensure(&mut slot, d.stream(), 0, 4 * c + fields * plan.partial_slots)?;
+    let (wp, _ws_sync) = ws.ptrs(d.stream(), 4 * c);
+    args.params = wp.params;
+    args.partials = wp.partials;
+    args.counters = wp.barrier;
+    args.slots = plan.slots;
+    let mut b = d.stream().launch_builder(&f);
+    b.arg(&*args);
+    // SAFETY: as in `launch`: one `BnArgs` by value, every pointer a live allocation of this
+    // context borrowed until after this call and sized for the validated shape; the
+    // workspace holds 4 * C params and `partial_slots` partials, and `counters` points at
+    // its barrier word, which only these kernels use. The geometry comes from
+    // `plan_persistent` (dynamic shared memory within the opt-in limit just set); a
+    // cooperative grid was checked to fit the device's resident blocks, and the driver
+    // refuses the launch otherwise rather than run a grid whose barrier could not complete.
+    let r = unsafe {
+        if plan.cooperative() {
+            b.launch_cooperative(plan.geo.config())
+        } else {
+            b.launch(plan.geo.config())
+        }
+    };
+    r.map(|_| true).map_err(|e| cuda_err("cuLaunchKernel (persistent)", format!("{name}: {e}")))
+}
+
 fn fusion_flags(cfg: &Config, residual: bool) -> u32 {
     let mut f = 0;
     if cfg.activation == Activation::Relu {
@@ -212,6 +278,14 @@ pub(crate) fn forward_training<T: Element>(
     }
     if cfg.running_stats.unbiased_variance() {
         f |= flags::UNBIASED;
+    }
+
+    args.flags = f;
+    if try_persistent(d, Family::FwdPersist, p, T::DTYPE, v, &mut args)? {
+        if let Some(t) = tracked {
+            *t += 1;
+        }
+        return Ok(());
     }
 
     let c = shape.c();
@@ -344,6 +418,10 @@ pub(crate) fn backward<T: Element>(d: &CudaDevice, shape: &Shape, cfg: &Config, 
         // Eval mode without parameter gradients: dx = g * w * invstd, one pass.
         args.flags = f | flags::FROM_RUNNING;
         return launch(d, Family::BwdDx, &dx_kernel, ew, &args);
+    }
+    args.flags = f;
+    if try_persistent(d, Family::BwdPersist, p, T::DTYPE, v, &mut args)? {
+        return Ok(());
     }
     let tensors = if relu { 3 } else { 2 };
     let plan = launch::plan_reduce(d.caps(), p, v, Reduction::GradSums, tensors * eb, true);

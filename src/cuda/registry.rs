@@ -51,6 +51,10 @@ pub(crate) enum Family {
     BwdReduce,
     /// `bn_bwd_dx_*`: dx and dz.
     BwdDx,
+    /// `bn_fwd_persist_*`: the whole training forward with x kept on chip (32-bit only).
+    FwdPersist,
+    /// `bn_bwd_persist_*`: the whole backward with x and g kept on chip (32-bit only).
+    BwdPersist,
 }
 
 impl Family {
@@ -60,6 +64,7 @@ impl Family {
             Family::FwdStats => "fwd_stats",
             Family::FwdNorm => "normalize",
             Family::BwdReduce | Family::BwdDx => "backward",
+            Family::FwdPersist | Family::BwdPersist => "persistent",
         }
     }
     fn stem(self) -> &'static str {
@@ -68,7 +73,14 @@ impl Family {
             Family::FwdNorm => "bn_fwd_norm",
             Family::BwdReduce => "bn_bwd_reduce",
             Family::BwdDx => "bn_bwd_dx",
+            Family::FwdPersist => "bn_fwd_persist",
+            Family::BwdPersist => "bn_bwd_persist",
         }
+    }
+    /// Whether the family has 64-bit index (`_i64`) entry points.
+    #[cfg(test)]
+    pub(crate) fn has_wide(self) -> bool {
+        !matches!(self, Family::FwdPersist | Family::BwdPersist)
     }
 }
 
@@ -87,10 +99,15 @@ pub(crate) fn kernel_name(family: Family, p: Pattern, dtype: DType, wide: bool) 
 #[cfg(test)]
 pub(crate) fn all_kernel_names() -> Vec<(Family, String)> {
     let mut v = Vec::new();
-    for f in [Family::FwdStats, Family::FwdNorm, Family::BwdReduce, Family::BwdDx] {
+    for f in
+        [Family::FwdStats, Family::FwdNorm, Family::BwdReduce, Family::BwdDx, Family::FwdPersist, Family::BwdPersist]
+    {
         for p in [Pattern::Planes { n: 1, c: 1, s: 2 }, Pattern::Rows { rows: 2, c: 1 }] {
             for d in DType::ALL {
                 for wide in [false, true] {
+                    if wide && !f.has_wide() {
+                        continue;
+                    }
                     v.push((f, kernel_name(f, p, d, wide)));
                 }
             }
@@ -155,7 +172,8 @@ mod tests {
         assert_eq!(kernel_name(Family::FwdStats, cl, DType::BF16, false), "bn_fwd_stats_nhwc_bf16");
         assert_eq!(kernel_name(Family::BwdReduce, cl, DType::F32, true), "bn_bwd_reduce_nhwc_f32_i64");
         assert_eq!(kernel_name(Family::BwdDx, cf, DType::F32, false), "bn_bwd_dx_nchw_f32");
-        assert_eq!(all_kernel_names().len(), 48);
+        assert_eq!(kernel_name(Family::BwdPersist, cl, DType::F16, false), "bn_bwd_persist_nhwc_f16");
+        assert_eq!(all_kernel_names().len(), 60);
     }
 
     /// Every name the Rust side asks for is an entry point of the module it looks in.
@@ -165,6 +183,7 @@ mod tests {
             "fwd_stats" => include_str!("../../kernels/fwd_stats.cu"),
             "normalize" => include_str!("../../kernels/normalize.cu"),
             "backward" => include_str!("../../kernels/backward.cu"),
+            "persistent" => include_str!("../../kernels/persistent.cu"),
             other => panic!("unknown module {other}"),
         };
         for (family, name) in all_kernel_names() {

@@ -31,6 +31,10 @@ pub struct Record {
     /// `<peer>_ms` for each peer that has this case.
     #[serde(flatten)]
     pub peers: BTreeMap<String, f64>,
+    /// What a runner's in-process peer adds (e.g. `cudnn_modes`, `cudnn_check`); no key
+    /// ends in `_ms` (`bnorm chart` takes those for peers).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 type PeerKey = (String, String, String, Vec<usize>);
@@ -88,7 +92,8 @@ fn cache_bytes(index: u32) -> Option<usize> {
     num.parse::<usize>().ok().map(|v| v * mult)
 }
 
-fn regime(working_set: usize) -> &'static str {
+/// Where a working set of this many bytes lives on this machine's CPU: L2, L3 or DRAM.
+pub fn cpu_regime(working_set: usize) -> &'static str {
     let l2 = cache_bytes(2).unwrap_or(1 << 20);
     let l3 = cache_bytes(3).unwrap_or(32 << 20);
     if working_set <= l2 {
@@ -101,7 +106,8 @@ fn regime(working_set: usize) -> &'static str {
 }
 
 impl Record {
-    pub fn new(case: &Case, t: Timing, copy_gbps: f64, peers: &[Peer]) -> Record {
+    /// `regime` says where the working set lives (the runner knows its caches).
+    pub fn new(case: &Case, t: Timing, copy_gbps: f64, regime: &str, peers: &[Peer]) -> Record {
         let x_bytes = case.numel() * case.dtype.size();
         let secs = t.median_ms * 1e-3;
         let ours_gbps = case.bytes() as f64 / secs / 1e9;
@@ -122,8 +128,9 @@ impl Record {
             pct_copy: 100.0 * ours_gbps / copy_gbps,
             passes: case.op.passes(),
             pct_roofline: 100.0 * roofline_secs / secs,
-            regime: regime(case.op.tensors_moved() * x_bytes).into(),
+            regime: regime.into(),
             peers,
+            extra: serde_json::Map::new(),
         }
     }
 }
@@ -138,12 +145,17 @@ pub struct Meta {
     pub cpu_model: String,
     pub suite: String,
     pub batches: Vec<usize>,
-    pub copy_gbps_256mib: f64,
+    /// A plain copy of `copy_big_bytes` (256 MiB on the CPU, 1 GiB on a GPU), same run.
+    pub copy_gbps_big: f64,
+    pub copy_big_bytes: usize,
     pub timing: String,
+    /// What the runner adds (GPU, driver, cuDNN version, the timing method in detail).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Meta {
-    pub fn collect(dev: &Device, copy_big: f64, suite: &str, batches: &[usize]) -> Meta {
+    pub fn collect(dev: &Device, copy_big: f64, copy_big_bytes: usize, suite: &str, batches: &[usize]) -> Meta {
         let date = std::process::Command::new("date")
             .arg("-u")
             .arg("+%Y-%m-%dT%H:%M:%SZ")
@@ -167,8 +179,10 @@ impl Meta {
             cpu_model,
             suite: suite.into(),
             batches: batches.to_vec(),
-            copy_gbps_256mib: copy_big,
+            copy_gbps_big: copy_big,
+            copy_big_bytes,
             timing: "median of >= reps calls after warm-up; wall clock (CPU) or CUDA events (GPU)".into(),
+            extra: serde_json::Map::new(),
         }
     }
 }
@@ -179,7 +193,11 @@ fn geomean(v: &[f64]) -> f64 {
 
 pub fn print_table(meta: &Meta, records: &[Record]) {
     println!("bnorm bench  {}  {}  device {}", meta.date, meta.cpu_model, meta.device);
-    println!("plain copy (256 MiB): {:.1} GB/s; %copy uses a copy of x's size in the same run", meta.copy_gbps_256mib);
+    println!(
+        "plain copy ({} MiB): {:.1} GB/s; %copy uses a copy of x's size in the same run",
+        meta.copy_big_bytes >> 20,
+        meta.copy_gbps_big
+    );
     let peer_names: Vec<String> = {
         let mut v: Vec<String> = records.iter().flat_map(|r| r.peers.keys().cloned()).collect();
         v.sort();
@@ -226,6 +244,40 @@ pub fn print_table(meta: &Meta, records: &[Record]) {
         }
         println!("{line}");
     }
+}
+
+/// For every `<name>_check` object in the records' extras (e.g. `cudnn_check`, our
+/// outputs against cuDNN's): the largest value of each numeric field over the cases, with
+/// the case it came from.
+pub fn print_checks(records: &[Record]) {
+    let mut worst: BTreeMap<(String, String), (f64, String)> = BTreeMap::new();
+    let mut cases: BTreeMap<String, usize> = BTreeMap::new();
+    for r in records {
+        for (k, v) in &r.extra {
+            let Some(obj) = v.as_object().filter(|_| k.ends_with("_check")) else { continue };
+            *cases.entry(k.clone()).or_default() += 1;
+            for (f, x) in obj {
+                let Some(x) = x.as_f64() else { continue };
+                let label = format!("{} {} {} {}", r.op, r.dtype, r.layout, dims_str(&r.dims));
+                let e = worst.entry((k.clone(), f.clone())).or_insert((f64::NEG_INFINITY, String::new()));
+                if x > e.0 || x.is_nan() {
+                    *e = (x, label);
+                }
+            }
+        }
+    }
+    for (check, n) in &cases {
+        println!("{check}: largest over {n} cases");
+        for ((c, field), (v, label)) in &worst {
+            if c == check {
+                println!("  {field:<24} {v:>11.3e}  ({label})");
+            }
+        }
+    }
+}
+
+fn dims_str(d: &[usize]) -> String {
+    d.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("x")
 }
 
 pub fn write_json(path: &Path, meta: &Meta, records: &[Record]) -> Result<(), String> {
