@@ -369,48 +369,48 @@ impl<T: Element> Kernel for NormalizeSlabs<'_, '_, T> {
     }
 }
 
-/// Splatted per-run parameters along a stream of consecutive runs of `run >= LANES` values:
-/// a vector lies in one run or straddles two, whose parameters it blends.
-struct RunParams<S: Simd, const K: usize> {
+/// Walk the vectors `[lo, hi)` (whole vectors) of a stream of consecutive runs of
+/// `run >= LANES` values, calling `body(p, params)` with the splatted parameters of the
+/// vector's run; a vector straddling two runs gets the two runs' parameters blended.
+/// `body` has a single call site so that it is always inlined (an out-of-line closure
+/// would lose the caller's target features and call every intrinsic).
+#[inline(always)]
+fn walk_runs<S: Simd, const K: usize>(
+    s: S,
+    lo: usize,
+    hi: usize,
     run: usize,
-    /// run index and offset of the next vector's first element
-    r: usize,
-    o: usize,
-    /// the run whose parameters `cur` holds
-    cur_r: usize,
-    cur: [S::V; K],
-}
-
-impl<S: Simd, const K: usize> RunParams<S, K> {
-    #[inline(always)]
-    fn new(s: S, run: usize, start: usize, get: &impl Fn(usize) -> [f32; K]) -> Self {
-        let r = start / run;
+    get: impl Fn(usize) -> [f32; K],
+    mut body: impl FnMut(usize, &[S::V; K]),
+) {
+    let l = S::LANES;
+    let splat = |r: usize| {
         let p = get(r);
-        RunParams { run, r, o: start % run, cur_r: r, cur: std::array::from_fn(|i| s.splat(p[i])) }
-    }
-
-    /// Parameters of the next `LANES` values, then advance past them.
-    #[inline(always)]
-    fn next(&mut self, s: S, get: &impl Fn(usize) -> [f32; K]) -> [S::V; K] {
-        let l = S::LANES;
-        if self.cur_r != self.r {
-            let p = get(self.r);
-            self.cur = std::array::from_fn(|i| s.splat(p[i]));
-            self.cur_r = self.r;
-        }
-        let out = if self.o + l <= self.run {
-            self.cur
+        std::array::from_fn::<S::V, K, _>(|i| s.splat(p[i]))
+    };
+    let mut r = lo / run;
+    let mut run_end = (r + 1) * run;
+    let mut cur = splat(r);
+    let mut p = lo;
+    while p < hi {
+        let params = if p + l <= run_end {
+            cur
         } else {
-            let p = get(self.r + 1);
-            let k = self.run - self.o;
-            std::array::from_fn(|i| s.select_first(k, self.cur[i], s.splat(p[i])))
+            // the vector starts run r + 1 or straddles runs r and r + 1 (run >= LANES)
+            let next = splat(r + 1);
+            let v = if p < run_end {
+                let k = run_end - p;
+                std::array::from_fn(|i| s.select_first(k, cur[i], next[i]))
+            } else {
+                next
+            };
+            r += 1;
+            run_end += run;
+            cur = next;
+            v
         };
-        self.o += l;
-        if self.o >= self.run {
-            self.o -= self.run;
-            self.r += 1;
-        }
-        out
+        body(p, &params);
+        p += l;
     }
 }
 
@@ -439,9 +439,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         let m = map_of(r);
         [m.mean, m.scale, m.shift]
     };
-    let mut params = RunParams::<S, 3>::new(s, run, lo, &get);
-    for p in (lo..hi).step_by(S::LANES) {
-        let [mean, scale, shift] = params.next(s, &get);
+    walk_runs(s, lo, hi, run, get, |p, &[mean, scale, shift]| {
         let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
         if ADD {
             v = s.add(v, s.load(&z[p..]));
@@ -450,7 +448,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
             v = s.relu(v);
         }
         s.store(&mut y[p..], v);
-    }
+    });
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
         let mut v = (x[p].to_f32() - m.mean).mul_add(m.scale, m.shift);
@@ -833,21 +831,20 @@ impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
                 let m = maps[(sl.first + r) % c];
                 [m.mean, m.a, m.gmean, m.k]
             };
-            let mut params = RunParams::<S, 4>::new(s, run, lo, &get);
             let inp = &sl.inp;
-            for p in (lo..hi).step_by(S::LANES) {
-                let [mean, a, gmean, k] = params.next(s, &get);
+            let (dx, mut dz) = (&mut *sl.dx, sl.dz.as_deref_mut());
+            walk_runs(s, lo, hi, run, get, |p, &[mean, a, gmean, k]| {
                 let dy = s.load(&inp.dy[p..]);
                 let g = match inp.y {
                     Some(y) => s.where_positive(s.load(&y[p..]), dy),
                     None => dy,
                 };
                 let v = s.mul(a, s.fma(k, s.sub(s.load(&inp.x[p..]), mean), s.sub(g, gmean)));
-                s.store(&mut sl.dx[p..], v);
-                if let Some(dz) = sl.dz.as_deref_mut() {
+                s.store(&mut dx[p..], v);
+                if let Some(dz) = dz.as_deref_mut() {
                     s.store(&mut dz[p..], g);
                 }
-            }
+            });
             // heads and tails shorter than a vector: grad_span runs them scalar
             grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), 0, lo, map_of);
             grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), hi, n, map_of);
