@@ -21,7 +21,7 @@ use crate::dtype::Element;
 use crate::stats::Moments;
 
 /// Steps an f32 lane accumulates before it is folded into the f64 totals.
-pub(crate) const FLUSH_STEPS: u32 = 256;
+pub(crate) const FLUSH_STEPS: u32 = 64;
 
 /// Steps a plain f32 sum lane accumulates before it is folded into f64. Sums of signed
 /// terms (the backward's) grow like sqrt(steps) and their rounding with them; 32 keeps the
@@ -98,7 +98,11 @@ impl<S: Simd> RunMoments<S> {
         let l = S::LANES;
         let mut groups = x.chunks_exact(ACC * l);
         for g in &mut groups {
-            self.step(s, std::array::from_fn(|k| s.load(&g[k * l..])));
+            let mut v = [s.splat(0.0); ACC];
+            for (k, v) in v.iter_mut().enumerate() {
+                *v = s.load(&g[k * l..]);
+            }
+            self.step(s, v);
         }
         self.push_tail(s, groups.remainder());
     }
@@ -112,7 +116,11 @@ impl<S: Simd> RunMoments<S> {
         debug_assert!(runs.iter().all(|r| r.len() == len));
         let nv = len - len % l;
         for i in (0..nv).step_by(l) {
-            self.step(s, std::array::from_fn(|k| s.load(&runs[k][i..])));
+            let mut v = [s.splat(0.0); ACC];
+            for (v, r) in v.iter_mut().zip(&runs) {
+                *v = s.load(&r[i..]);
+            }
+            self.step(s, v);
         }
         for r in runs {
             self.push_tail(s, &r[nv..]);
@@ -263,34 +271,164 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
     fn run<S: Simd>(self, s: S) {
         let acc = self.acc;
         let c = acc.c;
-        let sets = acc.steps.len();
-        let l = S::LANES;
-        let cv = c - c % l;
-        for (r, row) in self.x.chunks_exact(c).enumerate() {
-            let set = r % sets;
-            acc.steps[set] += 1;
-            let inv1 = RECIP[acc.steps[set] as usize];
-            let inv = s.splat(inv1);
-            let base = set * c;
-            let (mv, qv, kv) = (&mut acc.mean[base..base + c], &mut acc.m2[base..base + c], &acc.shift[..]);
-            for j in (0..cv).step_by(l) {
-                let v = s.sub(s.load(&row[j..]), s.load_f32(&kv[j..]));
-                let m = s.load_f32(&mv[j..]);
-                let d = s.sub(v, m);
-                let m = s.fma(d, inv, m);
-                let q = s.fma(d, s.sub(v, m), s.load_f32(&qv[j..]));
-                s.store_f32(&mut mv[j..], m);
-                s.store_f32(&mut qv[j..], q);
+        if c % S::LANES == 0 {
+            // whole vectors per row: register-blocked tiles; an odd last row goes below
+            let pairs_end = self.x.len() / (2 * c) * 2 * c;
+            row_moments_tiled(s, acc, &self.x[..pairs_end]);
+            return row_moments_rows(s, acc, &self.x[pairs_end..]);
+        }
+        row_moments_rows(s, acc, self.x)
+    }
+}
+
+/// Rows kernels work on sub-blocks of rows this many bytes large (an L1's worth, so the
+/// tiles after the first read the sub-block from L1).
+const ROW_BLOCK_BYTES: usize = 32 * 1024;
+
+/// Vectors per register tile: the accumulators of 2 interleaved row sets plus the tile's
+/// per-channel constants must fit in the register file (4 on AVX-512, 2 on AVX2).
+#[inline(always)]
+fn tile_vectors<S: Simd>() -> usize {
+    if S::REGS >= 32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Pairs of rows per sub-block: a power of two (so sub-blocks never straddle a flush)
+/// with the sub-block within [`ROW_BLOCK_BYTES`].
+#[inline(always)]
+fn block_pairs<T>(c: usize) -> usize {
+    let rows = (ROW_BLOCK_BYTES / (c * std::mem::size_of::<T>())).max(2);
+    (1usize << (usize::BITS - 1 - (rows / 2).max(1).leading_zeros())).min(FLUSH_STEPS as usize)
+}
+
+/// Moments of whole pairs of rows with `c % LANES == 0`, register-blocked: channel tiles
+/// of a few vectors keep their Welford accumulators (two sets, even and odd rows) in
+/// registers across a sub-block of rows; only the tile boundaries touch memory.
+#[inline(always)]
+fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
+    let c = acc.c;
+    let l = S::LANES;
+    let nv = c / l;
+    let tv = tile_vectors::<S>();
+    let mut mean = vec![0f32; 2 * c];
+    let mut m2 = vec![0f32; 2 * c];
+    let mut steps = 0usize;
+    let per_block = block_pairs::<T>(c);
+    for block in x.chunks(2 * c * per_block) {
+        let pairs = block.len() / (2 * c);
+        let mut t = 0;
+        while t < nv {
+            let w = (nv - t).min(tv);
+            let col = t * l;
+            match w {
+                4 => moments_tile::<S, T, 4>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
+                3 => moments_tile::<S, T, 3>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
+                2 => moments_tile::<S, T, 2>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
+                _ => moments_tile::<S, T, 1>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
             }
-            for j in cv..c {
-                let v = row[j].to_f32() - kv[j];
-                let d = v - mv[j];
-                mv[j] += d * inv1;
-                qv[j] += d * (v - mv[j]);
+            t += w;
+        }
+        steps += pairs;
+        if steps == FLUSH_STEPS as usize {
+            flush_sets(acc, &mut mean, &mut m2, steps);
+            steps = 0;
+        }
+    }
+    if steps > 0 {
+        flush_sets(acc, &mut mean, &mut m2, steps);
+    }
+}
+
+/// Fold two accumulator sets (set-major, `steps` values per lane) into the f64 totals.
+fn flush_sets(acc: &mut RowMoments, mean: &mut [f32], m2: &mut [f32], steps: usize) {
+    let c = acc.c;
+    for (set_mean, set_m2) in mean.chunks_exact_mut(c).zip(m2.chunks_exact_mut(c)) {
+        for ((t, m), q) in acc.total.iter_mut().zip(set_mean.iter_mut()).zip(set_m2.iter_mut()) {
+            t.merge(&Moments { count: steps as f64, mean: *m as f64, m2: *q as f64 });
+            *m = 0.0;
+            *q = 0.0;
+        }
+    }
+}
+
+/// One tile of `W` vectors at channel `col` over a sub-block of row pairs.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn moments_tile<S: Simd, T: Element, const W: usize>(
+    s: S,
+    block: &[T],
+    c: usize,
+    col: usize,
+    shift: &[f32],
+    mean: &mut [f32],
+    m2: &mut [f32],
+    steps: usize,
+) {
+    let l = S::LANES;
+    // plain loops, not array::from_fn: its closures can stay out of line and then call the
+    // intrinsics without this function's target features (.ci/run checks for that)
+    let z = s.splat(0.0);
+    let (mut sh, mut mn, mut q) = ([z; W], [[z; W]; 2], [[z; W]; 2]);
+    for k in 0..W {
+        sh[k] = s.load_f32(&shift[col + k * l..]);
+        for set in 0..2 {
+            mn[set][k] = s.load_f32(&mean[set * c + col + k * l..]);
+            q[set][k] = s.load_f32(&m2[set * c + col + k * l..]);
+        }
+    }
+    for (i, pair) in block.chunks_exact(2 * c).enumerate() {
+        let inv = s.splat(RECIP[steps + i + 1]);
+        for set in 0..2 {
+            for k in 0..W {
+                let v = s.sub(s.load(&pair[set * c + col + k * l..]), sh[k]);
+                let d = s.sub(v, mn[set][k]);
+                mn[set][k] = s.fma(d, inv, mn[set][k]);
+                q[set][k] = s.fma(d, s.sub(v, mn[set][k]), q[set][k]);
             }
-            if acc.steps[set] == FLUSH_STEPS {
-                acc.flush(set);
-            }
+        }
+    }
+    for set in 0..2 {
+        for k in 0..W {
+            s.store_f32(&mut mean[set * c + col + k * l..], mn[set][k]);
+            s.store_f32(&mut m2[set * c + col + k * l..], q[set][k]);
+        }
+    }
+}
+
+/// Row by row, accumulators in memory (any C; the rows' tails run scalar).
+#[inline(always)]
+fn row_moments_rows<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
+    let c = acc.c;
+    let sets = acc.steps.len();
+    let l = S::LANES;
+    let cv = c - c % l;
+    for (r, row) in x.chunks_exact(c).enumerate() {
+        let set = r % sets;
+        acc.steps[set] += 1;
+        let inv1 = RECIP[acc.steps[set] as usize];
+        let inv = s.splat(inv1);
+        let base = set * c;
+        let (mv, qv, kv) = (&mut acc.mean[base..base + c], &mut acc.m2[base..base + c], &acc.shift[..]);
+        for j in (0..cv).step_by(l) {
+            let v = s.sub(s.load(&row[j..]), s.load_f32(&kv[j..]));
+            let m = s.load_f32(&mv[j..]);
+            let d = s.sub(v, m);
+            let m = s.fma(d, inv, m);
+            let q = s.fma(d, s.sub(v, m), s.load_f32(&qv[j..]));
+            s.store_f32(&mut mv[j..], m);
+            s.store_f32(&mut qv[j..], q);
+        }
+        for j in cv..c {
+            let v = row[j].to_f32() - kv[j];
+            let d = v - mv[j];
+            mv[j] += d * inv1;
+            qv[j] += d * (v - mv[j]);
+        }
+        if acc.steps[set] == FLUSH_STEPS {
+            acc.flush(set);
         }
     }
 }
@@ -386,7 +524,11 @@ fn walk_runs<S: Simd, const K: usize>(
     let l = S::LANES;
     let splat = |r: usize| {
         let p = get(r);
-        std::array::from_fn::<S::V, K, _>(|i| s.splat(p[i]))
+        let mut v = [s.splat(0.0); K];
+        for (v, p) in v.iter_mut().zip(p) {
+            *v = s.splat(p);
+        }
+        v
     };
     let mut r = lo / run;
     let mut run_end = (r + 1) * run;
@@ -400,7 +542,11 @@ fn walk_runs<S: Simd, const K: usize>(
             let next = splat(r + 1);
             let v = if p < run_end {
                 let k = run_end - p;
-                std::array::from_fn(|i| s.select_first(k, cur[i], next[i]))
+                let mut v = next;
+                for (v, c) in v.iter_mut().zip(cur) {
+                    *v = s.select_first(k, c, *v);
+                }
+                v
             } else {
                 next
             };
@@ -508,11 +654,13 @@ fn vector_span<S: Simd, T>(out: &[T], n: usize) -> (usize, usize) {
     (lo, lo + (n - lo) / S::LANES * S::LANES)
 }
 
-/// Kernel: normalize whole rows of `[rows][C]` with per-channel arrays.
+/// Kernel: normalize whole rows of `[rows][C]` with per-channel arrays, extended
+/// periodically past C (see [`periodic`]).
 pub(crate) struct NormalizeRows<'a, T> {
     pub x: &'a [T],
     pub z: Option<&'a [T]>,
     pub y: &'a mut [T],
+    pub c: usize,
     pub mean: &'a [f32],
     pub scale: &'a [f32],
     pub shift: &'a [f32],
@@ -534,13 +682,13 @@ impl<T: Element> Kernel for NormalizeRows<'_, T> {
 
 #[inline(always)]
 fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[T], z: &[T], k: NormalizeRows<'_, T>) {
-    let c = k.mean.len();
+    let c = k.c;
     let l = S::LANES;
     let n = x.len();
     // The block is one flat stream whose element p belongs to channel p % c; the vectors
     // take their per-channel parameters from arrays extended periodically past c, so a
     // vector may straddle two rows and any C (3, 17, 64) vectorizes.
-    let (mean, scale, shift) = (periodic(k.mean, l), periodic(k.scale, l), periodic(k.shift, l));
+    let (mean, scale, shift) = (k.mean, k.scale, k.shift);
     let (lo, hi) = vector_span::<S, T>(k.y, n);
     let mut j = lo % c;
     for p in (lo..hi).step_by(l) {
@@ -568,10 +716,18 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
     }
 }
 
-/// `v` repeated until it is `v.len() + lanes` long: `out[j..j + lanes]` holds the values of
-/// channels `j, j + 1, ...` (mod C) for any phase `j < C`.
-fn periodic(v: &[f32], lanes: usize) -> Vec<f32> {
-    (0..v.len() + lanes).map(|i| v[i % v.len()]).collect()
+/// The most f32 lanes of any SIMD level.
+const MAX_LANES: usize = 16;
+
+/// `v` repeated until it is `v.len() + MAX_LANES` long: `out[j..j + lanes]` holds the
+/// values of channels `j, j + 1, ...` (mod C) for any phase `j < C`. Built once per op.
+pub(crate) fn periodic(v: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len() + MAX_LANES);
+    while out.len() < v.len() + MAX_LANES {
+        let take = (v.len() + MAX_LANES - out.len()).min(v.len());
+        out.extend_from_slice(&v[..take]);
+    }
+    out
 }
 
 /// The channel phase `lanes` elements further along a row-major `[rows][c]` stream.
@@ -721,62 +877,161 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Vec<GradSums> {
         let c = self.mean.len();
-        let l = S::LANES;
-        let cv = c - c % l;
         let (m_hi, m_lo): (Vec<f32>, Vec<f64>) = self.mean.iter().map(|&m| split_mean::<T>(m)).unzip();
-        let mean = &m_hi[..];
-        // interleaved accumulator sets, as in `RowMoments`
-        let sets = row_sets(c);
-        let mut sg = vec![0.0f32; sets * c];
-        let mut sgx = vec![0.0f32; sets * c];
         let mut out = vec![GradSums::default(); c];
-        let fold = |sg: &mut [f32], sgx: &mut [f32], out: &mut [GradSums]| {
-            for (a, b) in sg.chunks_exact_mut(c).zip(sgx.chunks_exact_mut(c)) {
-                for ((o, a), b) in out.iter_mut().zip(a.iter_mut()).zip(b.iter_mut()) {
-                    o.g += *a as f64;
-                    o.gx += *b as f64;
-                    *a = 0.0;
-                    *b = 0.0;
-                }
-            }
-        };
-        let rows = self.x.len() / c;
-        for r in 0..rows {
-            let (xr, dyr) = (&self.x[r * c..][..c], &self.dy[r * c..][..c]);
-            let yr = self.y.map(|y| &y[r * c..][..c]);
-            let base = (r % sets) * c;
-            let (ag, agx) = (&mut sg[base..base + c], &mut sgx[base..base + c]);
-            for j in (0..cv).step_by(l) {
-                let dy = s.load(&dyr[j..]);
-                let g = match yr {
-                    Some(y) => s.where_positive(s.load(&y[j..]), dy),
-                    None => dy,
-                };
-                let a = s.add(s.load_f32(&ag[j..]), g);
-                let xc = s.sub(s.load(&xr[j..]), s.load_f32(&mean[j..]));
-                let b = s.fma(g, xc, s.load_f32(&agx[j..]));
-                s.store_f32(&mut ag[j..], a);
-                s.store_f32(&mut agx[j..], b);
-            }
-            for j in cv..c {
-                let dy = dyr[j].to_f32();
-                let g = match yr {
-                    Some(y) if y[j].to_f32() <= 0.0 => 0.0,
-                    _ => dy,
-                };
-                ag[j] += g;
-                agx[j] += g * (xr[j].to_f32() - mean[j]);
-            }
-            if (r + 1) % (SUM_FLUSH_STEPS as usize * sets) == 0 {
-                fold(&mut sg, &mut sgx, &mut out);
-            }
+        // whole vectors per row: register-blocked tiles over pairs of rows, as for the
+        // moments; the odd last row (or any C) row by row
+        let tiled = if c % S::LANES == 0 { self.x.len() / (2 * c) * 2 * c } else { 0 };
+        let part =
+            |lo: usize, hi: usize| GradRun { dy: &self.dy[lo..hi], x: &self.x[lo..hi], y: self.y.map(|y| &y[lo..hi]) };
+        if tiled > 0 {
+            grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut out);
         }
-        fold(&mut sg, &mut sgx, &mut out);
+        grad_sums_rows(s, &part(tiled, self.x.len()), &m_hi, &mut out);
         for (o, lo) in out.iter_mut().zip(m_lo) {
             o.gx -= lo * o.g;
         }
         out
     }
+}
+
+/// Backward sums of whole pairs of rows with `c % LANES == 0`, register-blocked like
+/// [`row_moments_tiled`]: per channel tile, two row sets of `sum g` and `sum g * xc`
+/// stay in registers across a sub-block of rows.
+#[inline(always)]
+fn grad_sums_tiled<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut [GradSums]) {
+    let c = mean.len();
+    let l = S::LANES;
+    let nv = c / l;
+    let tv = tile_vectors::<S>();
+    let mut sg = vec![0f32; 2 * c];
+    let mut sgx = vec![0f32; 2 * c];
+    let per_block = block_pairs::<T>(c).min(SUM_FLUSH_STEPS as usize);
+    let block = 2 * c * per_block;
+    let mut steps = 0;
+    for lo in (0..inp.x.len()).step_by(block) {
+        let hi = (lo + block).min(inp.x.len());
+        let b = GradRun { dy: &inp.dy[lo..hi], x: &inp.x[lo..hi], y: inp.y.map(|y| &y[lo..hi]) };
+        let mut t = 0;
+        while t < nv {
+            let w = (nv - t).min(tv);
+            let col = t * l;
+            match w {
+                4 => sums_tile::<S, T, 4>(s, &b, c, col, mean, &mut sg, &mut sgx),
+                3 => sums_tile::<S, T, 3>(s, &b, c, col, mean, &mut sg, &mut sgx),
+                2 => sums_tile::<S, T, 2>(s, &b, c, col, mean, &mut sg, &mut sgx),
+                _ => sums_tile::<S, T, 1>(s, &b, c, col, mean, &mut sg, &mut sgx),
+            }
+            t += w;
+        }
+        steps += (hi - lo) / (2 * c);
+        if steps >= SUM_FLUSH_STEPS as usize {
+            fold_sums(&mut sg, &mut sgx, out);
+            steps = 0;
+        }
+    }
+    fold_sums(&mut sg, &mut sgx, out);
+}
+
+/// Add set-major f32 partial sums into the f64 totals and reset them.
+fn fold_sums(sg: &mut [f32], sgx: &mut [f32], out: &mut [GradSums]) {
+    let c = out.len();
+    for (a, b) in sg.chunks_exact_mut(c).zip(sgx.chunks_exact_mut(c)) {
+        for ((o, a), b) in out.iter_mut().zip(a.iter_mut()).zip(b.iter_mut()) {
+            o.g += *a as f64;
+            o.gx += *b as f64;
+            *a = 0.0;
+            *b = 0.0;
+        }
+    }
+}
+
+/// One tile of `W` vectors at channel `col` over a sub-block of row pairs.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn sums_tile<S: Simd, T: Element, const W: usize>(
+    s: S,
+    b: &GradRun<'_, T>,
+    c: usize,
+    col: usize,
+    mean: &[f32],
+    sg: &mut [f32],
+    sgx: &mut [f32],
+) {
+    let l = S::LANES;
+    let z = s.splat(0.0);
+    let (mut mv, mut ag, mut agx) = ([z; W], [[z; W]; 2], [[z; W]; 2]);
+    for k in 0..W {
+        mv[k] = s.load_f32(&mean[col + k * l..]);
+        for set in 0..2 {
+            ag[set][k] = s.load_f32(&sg[set * c + col + k * l..]);
+            agx[set][k] = s.load_f32(&sgx[set * c + col + k * l..]);
+        }
+    }
+    for p in (0..b.x.len()).step_by(2 * c) {
+        for set in 0..2 {
+            for k in 0..W {
+                let o = p + set * c + col + k * l;
+                let dy = s.load(&b.dy[o..]);
+                let g = match b.y {
+                    Some(y) => s.where_positive(s.load(&y[o..]), dy),
+                    None => dy,
+                };
+                ag[set][k] = s.add(ag[set][k], g);
+                agx[set][k] = s.fma(g, s.sub(s.load(&b.x[o..]), mv[k]), agx[set][k]);
+            }
+        }
+    }
+    for k in 0..W {
+        for set in 0..2 {
+            s.store_f32(&mut sg[set * c + col + k * l..], ag[set][k]);
+            s.store_f32(&mut sgx[set * c + col + k * l..], agx[set][k]);
+        }
+    }
+}
+
+/// Backward sums row by row, accumulators in memory (any C; the rows' tails run scalar).
+#[inline(always)]
+fn grad_sums_rows<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut [GradSums]) {
+    let c = mean.len();
+    let l = S::LANES;
+    let cv = c - c % l;
+    // interleaved accumulator sets, as in `RowMoments`
+    let sets = row_sets(c);
+    let mut sg = vec![0.0f32; sets * c];
+    let mut sgx = vec![0.0f32; sets * c];
+    let rows = inp.x.len() / c;
+    for r in 0..rows {
+        let (xr, dyr) = (&inp.x[r * c..][..c], &inp.dy[r * c..][..c]);
+        let yr = inp.y.map(|y| &y[r * c..][..c]);
+        let base = (r % sets) * c;
+        let (ag, agx) = (&mut sg[base..base + c], &mut sgx[base..base + c]);
+        for j in (0..cv).step_by(l) {
+            let dy = s.load(&dyr[j..]);
+            let g = match yr {
+                Some(y) => s.where_positive(s.load(&y[j..]), dy),
+                None => dy,
+            };
+            let a = s.add(s.load_f32(&ag[j..]), g);
+            let xc = s.sub(s.load(&xr[j..]), s.load_f32(&mean[j..]));
+            let b = s.fma(g, xc, s.load_f32(&agx[j..]));
+            s.store_f32(&mut ag[j..], a);
+            s.store_f32(&mut agx[j..], b);
+        }
+        for j in cv..c {
+            let dy = dyr[j].to_f32();
+            let g = match yr {
+                Some(y) if y[j].to_f32() <= 0.0 => 0.0,
+                _ => dy,
+            };
+            ag[j] += g;
+            agx[j] += g * (xr[j].to_f32() - mean[j]);
+        }
+        if (r + 1) % (SUM_FLUSH_STEPS as usize * sets) == 0 {
+            fold_sums(&mut sg, &mut sgx, out);
+        }
+    }
+    fold_sums(&mut sg, &mut sgx, out);
 }
 
 // ---------------------------------------------------------------- backward elementwise
@@ -898,11 +1153,13 @@ fn grad_span<S: Simd, T: Element>(
     }
 }
 
-/// Kernel: input gradient over whole rows of `[rows][C]` with per-channel arrays.
+/// Kernel: input gradient over whole rows of `[rows][C]` with per-channel arrays,
+/// extended periodically past C (see [`periodic`]).
 pub(crate) struct GradRows<'a, T> {
     pub inp: GradRun<'a, T>,
     pub dx: &'a mut [T],
     pub dz: Option<&'a mut [T]>,
+    pub c: usize,
     pub mean: &'a [f32],
     pub a: &'a [f32],
     pub gmean: &'a [f32],
@@ -913,12 +1170,11 @@ impl<T: Element> Kernel for GradRows<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let c = self.mean.len();
+        let c = self.c;
         let l = S::LANES;
         let n = self.inp.x.len();
         // one flat stream with periodic per-channel maps, as in `norm_rows`
-        let (mean, a, gmean, k) =
-            (periodic(self.mean, l), periodic(self.a, l), periodic(self.gmean, l), periodic(self.k, l));
+        let (mean, a, gmean, k) = (self.mean, self.a, self.gmean, self.k);
         let (lo, hi) = vector_span::<S, T>(self.dx, n);
         let mut dz = self.dz;
         let mut j = lo % c;

@@ -149,7 +149,7 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
             merge_moments(c, split.parts, &parts)
         }
         Pattern::Rows { rows, c } => {
-            let rows_per = partition::rows_per_task(rows, c, threads);
+            let rows_per = partition::rows_per_reduce_task(rows, c, threads);
             let parts: Vec<Vec<Moments>> = x
                 .par_chunks(rows_per * c)
                 .map(|block| {
@@ -159,15 +159,27 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
                     acc.finish()
                 })
                 .collect();
-            let mut out = vec![Moments::default(); c];
-            for p in &parts {
-                for (o, m) in out.iter_mut().zip(p) {
-                    o.merge(m);
-                }
-            }
-            out
+            merge_rows(c, &parts, |o, m| o.merge(m))
         }
     })
+}
+
+/// Merge per-task, per-channel partials (in task order, so the result does not depend on
+/// scheduling), in parallel over channels.
+fn merge_rows<P: Default + Clone + Send + Sync>(
+    c: usize,
+    parts: &[Vec<P>],
+    merge: impl Fn(&mut P, &P) + Sync,
+) -> Vec<P> {
+    (0..c)
+        .into_par_iter()
+        .with_min_len(1024)
+        .map(|ch| {
+            let mut o = P::default();
+            parts.iter().for_each(|p| merge(&mut o, &p[ch]));
+            o
+        })
+        .collect()
 }
 
 fn merge_moments(c: usize, parts: usize, partial: &[Moments]) -> Vec<Moments> {
@@ -378,9 +390,9 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
-            let mean: Vec<f32> = maps.iter().map(|m| m.mean).collect();
-            let scale: Vec<f32> = maps.iter().map(|m| m.scale).collect();
-            let shift: Vec<f32> = maps.iter().map(|m| m.shift).collect();
+            let mean = periodic(&maps.iter().map(|m| m.mean).collect::<Vec<_>>());
+            let scale = periodic(&maps.iter().map(|m| m.scale).collect::<Vec<_>>());
+            let shift = periodic(&maps.iter().map(|m| m.shift).collect::<Vec<_>>());
             y.par_chunks_mut(rows_per * c).enumerate().for_each(|(t, yb)| {
                 let lo = t * rows_per * c;
                 let hi = lo + yb.len();
@@ -390,6 +402,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
                         x: &x[lo..hi],
                         z: z.map(|z| &z[lo..hi]),
                         y: yb,
+                        c,
                         mean: &mean,
                         scale: &scale,
                         shift: &shift,
@@ -439,7 +452,7 @@ pub(crate) fn grad_sums<T: Element>(
                 .collect()
         }
         Pattern::Rows { rows, c } => {
-            let rows_per = partition::rows_per_task(rows, c, threads);
+            let rows_per = partition::rows_per_reduce_task(rows, c, threads);
             let block = rows_per * c;
             let parts: Vec<Vec<GradSums>> = (0..rows.div_ceil(rows_per))
                 .into_par_iter()
@@ -449,11 +462,7 @@ pub(crate) fn grad_sums<T: Element>(
                     dispatch(level, GradSumRows { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]), mean })
                 })
                 .collect();
-            let mut out = vec![GradSums::default(); c];
-            for p in &parts {
-                out.iter_mut().zip(p).for_each(|(o, g)| o.add(g));
-            }
-            out
+            merge_rows(c, &parts, |o, g| o.add(g))
         }
     })
 }
@@ -481,10 +490,10 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
             let chunk = rows_per * c;
-            let mean: Vec<f32> = maps.iter().map(|m| m.mean).collect();
-            let ca: Vec<f32> = maps.iter().map(|m| m.a).collect();
-            let gmean: Vec<f32> = maps.iter().map(|m| m.gmean).collect();
-            let k: Vec<f32> = maps.iter().map(|m| m.k).collect();
+            let mean = periodic(&maps.iter().map(|m| m.mean).collect::<Vec<_>>());
+            let ca = periodic(&maps.iter().map(|m| m.a).collect::<Vec<_>>());
+            let gmean = periodic(&maps.iter().map(|m| m.gmean).collect::<Vec<_>>());
+            let k = periodic(&maps.iter().map(|m| m.k).collect::<Vec<_>>());
             let mut dzs: Vec<Option<&mut [T]>> = match dz {
                 Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
                 None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
@@ -498,6 +507,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
                         inp: GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) },
                         dx: dxb,
                         dz: dzb.take(),
+                        c,
                         mean: &mean,
                         a: &ca,
                         gmean: &gmean,

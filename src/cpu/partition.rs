@@ -43,6 +43,13 @@ pub(crate) fn rows_per_task(rows: usize, c: usize, threads: usize) -> usize {
     by_threads.max(by_size).clamp(1, rows.max(1))
 }
 
+/// Rows of `[rows][c]` per reduction task: one task per thread (each task's partial costs
+/// a per-channel merge, C of them, so fewer tasks win once C is large), never cutting
+/// the rows finer than the element-wise tasks.
+pub(crate) fn rows_per_reduce_task(rows: usize, c: usize, threads: usize) -> usize {
+    rows.div_ceil(threads.max(1)).max(rows_per_task(rows, c, threads))
+}
+
 /// Contiguous runs of length `s` per element-wise task.
 pub(crate) fn runs_per_task(s: usize) -> usize {
     MIN_TASK_ELEMS.div_ceil(s).max(1)

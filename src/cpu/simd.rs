@@ -90,6 +90,8 @@ impl std::str::FromStr for SimdLevel {
 /// converted in registers.
 pub(crate) trait Simd: Copy + Send + Sync + 'static {
     const LANES: usize;
+    /// Vector registers of the instruction set (for register-blocked kernels).
+    const REGS: usize;
     type V: Copy;
 
     fn splat(self, v: f32) -> Self::V;
@@ -191,6 +193,7 @@ pub(crate) struct Scalar;
 
 impl Simd for Scalar {
     const LANES: usize = 8;
+    const REGS: usize = 16;
     type V = [f32; 8];
 
     #[inline(always)]
@@ -305,6 +308,7 @@ mod x86 {
     // bounds check of the slice against LANES.
     impl Simd for Avx512 {
         const LANES: usize = 16;
+        const REGS: usize = 32;
         type V = __m512;
 
         #[inline(always)]
@@ -410,6 +414,7 @@ mod x86 {
 
     impl Simd for Avx2 {
         const LANES: usize = 8;
+        const REGS: usize = 16;
         type V = __m256;
 
         #[inline(always)]
