@@ -271,7 +271,7 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
     fn run<S: Simd>(self, s: S) {
         let acc = self.acc;
         let c = acc.c;
-        if c % S::LANES == 0 {
+        if c.is_multiple_of(S::LANES) {
             // whole vectors per row: register-blocked tiles; an odd last row goes below
             let pairs_end = self.x.len() / (2 * c) * 2 * c;
             row_moments_tiled(s, acc, &self.x[..pairs_end]);
@@ -881,7 +881,7 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
         let mut out = vec![GradSums::default(); c];
         // whole vectors per row: register-blocked tiles over pairs of rows, as for the
         // moments; the odd last row (or any C) row by row
-        let tiled = if c % S::LANES == 0 { self.x.len() / (2 * c) * 2 * c } else { 0 };
+        let tiled = if c.is_multiple_of(S::LANES) { self.x.len() / (2 * c) * 2 * c } else { 0 };
         let part =
             |lo: usize, hi: usize| GradRun { dy: &self.dy[lo..hi], x: &self.x[lo..hi], y: self.y.map(|y| &y[lo..hi]) };
         if tiled > 0 {
