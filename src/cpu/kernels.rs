@@ -685,6 +685,35 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
     let c = k.c;
     let l = S::LANES;
     let n = x.len();
+    if c.is_multiple_of(l) {
+        // whole vectors per row: channel tiles whose parameters stay in registers over a
+        // sub-block of rows (one load and one store per vector instead of four and one)
+        let rows = (ROW_BLOCK_BYTES / (c * std::mem::size_of::<T>())).max(1);
+        let max_w = if S::REGS >= 32 { 8 } else { 4 };
+        let params = (k.mean, k.scale, k.shift);
+        for lo in (0..n).step_by(rows * c) {
+            let hi = (lo + rows * c).min(n);
+            let mut t = 0;
+            while t < c / l {
+                let w = (c / l - t).min(max_w);
+                let (col, y) = (t * l, &mut k.y[lo..hi]);
+                let (x, z) = (&x[lo..hi], &z[lo.min(z.len())..hi.min(z.len())]);
+                match w {
+                    8 => norm_tile::<S, T, ADD, RELU, 8>(s, x, z, y, c, col, params),
+                    4..=7 => norm_tile::<S, T, ADD, RELU, 4>(s, x, z, y, c, col, params),
+                    2 | 3 => norm_tile::<S, T, ADD, RELU, 2>(s, x, z, y, c, col, params),
+                    _ => norm_tile::<S, T, ADD, RELU, 1>(s, x, z, y, c, col, params),
+                }
+                t += match w {
+                    8 => 8,
+                    4..=7 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+            }
+        }
+        return;
+    }
     // The block is one flat stream whose element p belongs to channel p % c; the vectors
     // take their per-channel parameters from arrays extended periodically past c, so a
     // vector may straddle two rows and any C (3, 17, 64) vectorizes.
@@ -713,6 +742,41 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
             v = 0.0;
         }
         k.y[p] = T::from_f32_rounded(v);
+    }
+}
+
+/// One tile of `W` vectors at channel `col` over a sub-block of rows (`y`, `x`, `z` cut to
+/// the sub-block; the per-channel mean, scale and shift).
+#[inline(always)]
+fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: usize>(
+    s: S,
+    x: &[T],
+    z: &[T],
+    y: &mut [T],
+    c: usize,
+    col: usize,
+    (mean, scale, shift): (&[f32], &[f32], &[f32]),
+) {
+    let l = S::LANES;
+    let zero = s.splat(0.0);
+    let (mut m, mut sc, mut sh) = ([zero; W], [zero; W], [zero; W]);
+    for i in 0..W {
+        m[i] = s.load_f32(&mean[col + i * l..]);
+        sc[i] = s.load_f32(&scale[col + i * l..]);
+        sh[i] = s.load_f32(&shift[col + i * l..]);
+    }
+    for r in (0..x.len()).step_by(c) {
+        for i in 0..W {
+            let o = r + col + i * l;
+            let mut v = s.fma(s.sub(s.load(&x[o..]), m[i]), sc[i], sh[i]);
+            if ADD {
+                v = s.add(v, s.load(&z[o..]));
+            }
+            if RELU {
+                v = s.relu(v);
+            }
+            s.store(&mut y[o..], v);
+        }
     }
 }
 
