@@ -282,8 +282,19 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
 }
 
 /// Rows kernels work on sub-blocks of rows this many bytes large (an L1's worth, so the
-/// tiles after the first read the sub-block from L1).
+/// tiles after the first read the sub-block from L1), but of at least [`MIN_BLOCK_ROWS`]
+/// rows: with thousands of channels a sub-block then lives in L2 instead, and each tile's
+/// registers are loaded and stored once per 16 rows rather than per row.
 const ROW_BLOCK_BYTES: usize = 32 * 1024;
+
+/// The fewest rows in a rows kernels' sub-block.
+const MIN_BLOCK_ROWS: usize = 16;
+
+/// Rows per sub-block for `c` channels of `T`.
+#[inline(always)]
+fn block_rows<T>(c: usize) -> usize {
+    (ROW_BLOCK_BYTES / (c * std::mem::size_of::<T>())).max(MIN_BLOCK_ROWS)
+}
 
 /// Vectors per register tile: the accumulators of 2 interleaved row sets plus the tile's
 /// per-channel constants must fit in the register file (4 on AVX-512, 2 on AVX2).
@@ -300,8 +311,8 @@ fn tile_vectors<S: Simd>() -> usize {
 /// with the sub-block within [`ROW_BLOCK_BYTES`].
 #[inline(always)]
 fn block_pairs<T>(c: usize) -> usize {
-    let rows = (ROW_BLOCK_BYTES / (c * std::mem::size_of::<T>())).max(2);
-    (1usize << (usize::BITS - 1 - (rows / 2).max(1).leading_zeros())).min(FLUSH_STEPS as usize)
+    let pairs = block_rows::<T>(c) / 2;
+    (1usize << (usize::BITS - 1 - pairs.leading_zeros())).min(FLUSH_STEPS as usize)
 }
 
 /// Moments of whole pairs of rows with `c % LANES == 0`, register-blocked: channel tiles
@@ -688,7 +699,7 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
     if c.is_multiple_of(l) {
         // whole vectors per row: channel tiles whose parameters stay in registers over a
         // sub-block of rows (one load and one store per vector instead of four and one)
-        let rows = (ROW_BLOCK_BYTES / (c * std::mem::size_of::<T>())).max(1);
+        let rows = block_rows::<T>(c);
         let max_w = if S::REGS >= 32 { 8 } else { 4 };
         let params = (k.mean, k.scale, k.shift);
         for lo in (0..n).step_by(rows * c) {
