@@ -77,16 +77,26 @@ pub fn render(records: &[Value], out: &Path, title: &str) -> Result<(), String> 
     let areas = rest.split_evenly((panels.len(), 1));
     let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
     for ((op, bars), area) in panels.iter().zip(areas) {
-        let ymax = bars.iter().flat_map(|b| b.speedups.iter().flatten()).cloned().fold(1.0f64, f64::max) * 1.15;
+        // Logarithmic axis: peers differ by orders of magnitude (candle ~100x, PyTorch ~1-3x)
+        // and a ratio of 0.8 must stay as visible as one of 1.25.
+        let all = || bars.iter().flat_map(|b| b.speedups.iter().flatten()).cloned();
+        let ymax = all().fold(1.0f64, f64::max) * 1.3;
+        let ymin = all().fold(1.0f64, f64::min) * 0.75;
         let n = bars.len() as f64;
         let mut chart = ChartBuilder::on(&area)
             .caption(*op, ("sans-serif", 16))
             .margin(10)
             .x_label_area_size(150)
             .y_label_area_size(50)
-            .build_cartesian_2d(0f64..n, 0f64..ymax)
+            .build_cartesian_2d(0f64..n, (ymin..ymax).log_scale())
             .map_err(|e| e.to_string())?;
-        chart.configure_mesh().disable_x_mesh().disable_x_axis().y_desc("speedup").draw().map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_x_axis()
+            .y_desc("speedup (log scale)")
+            .draw()
+            .map_err(|e| e.to_string())?;
         let w = 0.8 / peers.len() as f64;
         for (i, b) in bars.iter().enumerate() {
             for (j, s) in b.speedups.iter().enumerate() {
@@ -94,7 +104,7 @@ pub fn render(records: &[Value], out: &Path, title: &str) -> Result<(), String> 
                     let x0 = i as f64 + 0.1 + j as f64 * w;
                     let c = colors[j % colors.len()];
                     chart
-                        .draw_series(std::iter::once(Rectangle::new([(x0, 0.0), (x0 + w, *s)], c.filled())))
+                        .draw_series(std::iter::once(Rectangle::new([(x0, ymin), (x0 + w, *s)], c.filled())))
                         .map_err(|e| e.to_string())?;
                 }
             }
@@ -102,7 +112,7 @@ pub fn render(records: &[Value], out: &Path, title: &str) -> Result<(), String> 
                 .transform(FontTransform::Rotate270)
                 .pos(Pos::new(HPos::Right, VPos::Center));
             chart
-                .draw_series(std::iter::once(Text::new(b.label.clone(), (i as f64 + 0.5, -0.02 * ymax), style)))
+                .draw_series(std::iter::once(Text::new(b.label.clone(), (i as f64 + 0.5, ymin * 0.97), style)))
                 .map_err(|e| e.to_string())?;
         }
         chart
