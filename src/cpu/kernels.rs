@@ -41,8 +41,10 @@ static RECIP: [f32; FLUSH_STEPS as usize + 1] = {
     t
 };
 
-/// Independent vector accumulators per run kernel (hides the FMA latency).
+/// Independent vector accumulators per run kernel (hides the FMA latency); a power of two
+/// (the flush merges them pairwise).
 const ACC: usize = 4;
+const _: () = assert!(ACC.is_power_of_two());
 
 // ---------------------------------------------------------------- moments over runs
 
@@ -56,6 +58,11 @@ pub(crate) struct RunMoments<S: Simd> {
     mean1: S::V,
     m2_1: S::V,
     steps1: u32,
+    /// Run tails (fewer than `LANES` values each) gathered into whole vectors for the spare
+    /// accumulator: a 7x7 plane's one leftover value would otherwise take a scalar f64
+    /// Welford step with a division, as long as the plane's three vector steps together.
+    tail: [f32; 16],
+    tail_len: usize,
     total: Moments,
 }
 
@@ -72,6 +79,8 @@ impl<S: Simd> RunMoments<S> {
             mean1: z,
             m2_1: z,
             steps1: 0,
+            tail: [0.0; 16],
+            tail_len: 0,
             total: Moments::default(),
         }
     }
@@ -127,24 +136,37 @@ impl<S: Simd> RunMoments<S> {
         }
     }
 
-    /// Single vectors into the spare accumulator, then scalars into the f64 total.
+    /// Single vectors into the spare accumulator; the last values into the tail buffer,
+    /// which joins the spare accumulator whenever it holds a whole vector.
     #[inline(always)]
     fn push_tail<T: Element>(&mut self, s: S, rest: &[T]) {
         let l = S::LANES;
         let mut vecs = rest.chunks_exact(l);
         for v in &mut vecs {
-            self.steps1 += 1;
-            let inv = s.splat(RECIP[self.steps1 as usize]);
-            let v = s.sub(s.load(v), self.shift_v);
-            let d = s.sub(v, self.mean1);
-            self.mean1 = s.fma(d, inv, self.mean1);
-            self.m2_1 = s.fma(d, s.sub(v, self.mean1), self.m2_1);
-            if self.steps1 == FLUSH_STEPS {
-                self.flush_single(s);
-            }
+            self.step1(s, s.load(v));
         }
         for v in vecs.remainder() {
-            self.total.push((v.to_f32() - self.shift) as f64);
+            self.tail[self.tail_len] = v.to_f32();
+            self.tail_len += 1;
+            if self.tail_len == l {
+                self.tail_len = 0;
+                let v = s.load_f32(&self.tail[..l]);
+                self.step1(s, v);
+            }
+        }
+    }
+
+    /// One Welford step of the spare accumulator with the (unshifted) vector `v`.
+    #[inline(always)]
+    fn step1(&mut self, s: S, v: S::V) {
+        self.steps1 += 1;
+        let inv = s.splat(RECIP[self.steps1 as usize]);
+        let v = s.sub(v, self.shift_v);
+        let d = s.sub(v, self.mean1);
+        self.mean1 = s.fma(d, inv, self.mean1);
+        self.m2_1 = s.fma(d, s.sub(v, self.mean1), self.m2_1);
+        if self.steps1 == FLUSH_STEPS {
+            self.flush_single(s);
         }
     }
 
@@ -153,12 +175,26 @@ impl<S: Simd> RunMoments<S> {
         if self.steps == 0 {
             return;
         }
+        // Chan's merge of equal counts in registers, pairwise down to one vector (mean:
+        // the average; m2: the sum plus d^2 * n / 2 for n values per side), then one fold
+        // to f64: a quarter of the horizontal work, which 7x7 planes pay once per channel.
         let z = s.splat(0.0);
-        for k in 0..ACC {
-            fold_lanes(s, self.steps, self.mean[k], self.m2[k], &mut self.total);
-            self.mean[k] = z;
-            self.m2[k] = z;
+        let half = s.splat(0.5);
+        let (mut m, mut q) = (self.mean, self.m2);
+        let (mut width, mut n) = (ACC, self.steps as f32);
+        while width > 1 {
+            width /= 2;
+            let w = s.splat(0.5 * n);
+            for k in 0..width {
+                let d = s.sub(m[k + width], m[k]);
+                m[k] = s.mul(s.add(m[k], m[k + width]), half);
+                q[k] = s.fma(s.mul(d, d), w, s.add(q[k], q[k + width]));
+            }
+            n *= 2.0;
         }
+        fold_lanes(s, self.steps * ACC as u32, m[0], q[0], &mut self.total);
+        self.mean = [z; ACC];
+        self.m2 = [z; ACC];
         self.steps = 0;
     }
 
@@ -178,6 +214,9 @@ impl<S: Simd> RunMoments<S> {
     pub(crate) fn finish(mut self, s: S) -> Moments {
         self.flush_groups(s);
         self.flush_single(s);
+        for &v in &self.tail[..self.tail_len] {
+            self.total.push((v - self.shift) as f64);
+        }
         let mut m = self.total;
         m.mean += self.shift as f64;
         m
@@ -1274,5 +1313,52 @@ impl<T: Element> Kernel for GradRows<'_, T> {
         // spans shorter than a vector: grad_span runs them scalar
         grad_span(s, &self.inp, &mut *self.dx, dz.as_deref_mut(), 0, lo, map);
         grad_span(s, &self.inp, self.dx, dz, hi, n, map);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::simd::{dispatch, SimdLevel};
+    use half::f16;
+
+    /// Runs whose lengths leave tails (7x7 planes: 49 values, one past three AVX-512
+    /// vectors; lengths 1 to 40 mixed), on every level, against the f64 moments: the
+    /// tails gathered into whole vectors must count each value exactly once.
+    #[test]
+    fn run_moments_with_tails_match_f64() {
+        let data: Vec<f32> =
+            (0..40_000u32).map(|i| 1e3 + ((i.wrapping_mul(2_654_435_761) >> 8) % 1000) as f32 / 7.0).collect();
+        let cases: Vec<Vec<usize>> = vec![vec![49; 32], (1..=40).collect(), vec![3; 70], vec![196; 9], vec![17; 5]];
+        for lens in cases {
+            let mut runs: Vec<&[f32]> = Vec::new();
+            let mut at = 0;
+            for &n in &lens {
+                runs.push(&data[at..at + n]);
+                at += n + 3;
+            }
+            let all: Vec<f64> = runs.iter().flat_map(|r| r.iter().map(|&v| v as f64)).collect();
+            let want = Moments::of(&all);
+            let halves: Vec<Vec<f16>> = runs.iter().map(|r| r.iter().map(|&v| f16::from_f32(v)).collect()).collect();
+            let half_runs: Vec<&[f16]> = halves.iter().map(|r| r.as_slice()).collect();
+            let half_all: Vec<f64> = halves.iter().flatten().map(|v| v.to_f64()).collect();
+            let want_half = Moments::of(&half_all);
+            for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+                if !level.is_supported() {
+                    continue;
+                }
+                for (got, want) in [
+                    (dispatch(level, RunMomentsKernel { runs: &runs, shift: runs[0][0] }), want),
+                    (
+                        dispatch(level, RunMomentsKernel { runs: &half_runs, shift: half_runs[0][0].to_f32() }),
+                        want_half,
+                    ),
+                ] {
+                    assert_eq!(got.count, want.count, "{level} {lens:?}");
+                    assert!((got.mean - want.mean).abs() <= 1e-6 * want.mean.abs(), "{level} mean {got:?} {want:?}");
+                    assert!((got.m2 - want.m2).abs() <= 1e-5 * want.m2, "{level} m2 {got:?} {want:?}");
+                }
+            }
+        }
     }
 }
