@@ -41,10 +41,8 @@ static RECIP: [f32; FLUSH_STEPS as usize + 1] = {
     t
 };
 
-/// Independent vector accumulators per run kernel (hides the FMA latency); a power of two
-/// (the flush merges them pairwise).
+/// Independent vector accumulators per run kernel (hides the FMA latency).
 const ACC: usize = 4;
-const _: () = assert!(ACC.is_power_of_two());
 
 // ---------------------------------------------------------------- moments over runs
 
@@ -175,26 +173,12 @@ impl<S: Simd> RunMoments<S> {
         if self.steps == 0 {
             return;
         }
-        // Chan's merge of equal counts in registers, pairwise down to one vector (mean:
-        // the average; m2: the sum plus d^2 * n / 2 for n values per side), then one fold
-        // to f64: a quarter of the horizontal work, which 7x7 planes pay once per channel.
         let z = s.splat(0.0);
-        let half = s.splat(0.5);
-        let (mut m, mut q) = (self.mean, self.m2);
-        let (mut width, mut n) = (ACC, self.steps as f32);
-        while width > 1 {
-            width /= 2;
-            let w = s.splat(0.5 * n);
-            for k in 0..width {
-                let d = s.sub(m[k + width], m[k]);
-                m[k] = s.mul(s.add(m[k], m[k + width]), half);
-                q[k] = s.fma(s.mul(d, d), w, s.add(q[k], q[k + width]));
-            }
-            n *= 2.0;
+        for k in 0..ACC {
+            fold_lanes(s, self.steps, self.mean[k], self.m2[k], &mut self.total);
+            self.mean[k] = z;
+            self.m2[k] = z;
         }
-        fold_lanes(s, self.steps * ACC as u32, m[0], q[0], &mut self.total);
-        self.mean = [z; ACC];
-        self.m2 = [z; ACC];
         self.steps = 0;
     }
 
