@@ -76,12 +76,15 @@ impl CpuDevice {
     }
 
     /// Force a SIMD level (for tests and comparisons). Errors if the CPU lacks it.
-    pub fn with_simd(mut self, level: SimdLevel) -> Result<CpuDevice> {
-        if !level.is_supported() {
-            return Err(Error::SimdUnsupported {
-                requested: level.to_string(),
-                available: SimdLevel::detect().to_string(),
-            });
+    pub fn with_simd(self, level: SimdLevel) -> Result<CpuDevice> {
+        self.with_simd_within(level, SimdLevel::detect())
+    }
+
+    /// [`with_simd`](Self::with_simd) on a CPU whose best level is `best` (a parameter so
+    /// the error path is tested on CPUs that have every level).
+    fn with_simd_within(mut self, level: SimdLevel, best: SimdLevel) -> Result<CpuDevice> {
+        if level > best {
+            return Err(Error::SimdUnsupported { requested: level.to_string(), available: best.to_string() });
         }
         self.simd = level;
         Ok(self)
@@ -520,3 +523,21 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
 }
 
 pub(crate) use kernels::{ChannelAffine, GradMap, GradSums};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Asking for a level above the CPU's best is `SimdUnsupported` naming both levels and
+    /// leaves nothing changed; a level at or below it is taken.
+    #[test]
+    fn simd_above_the_best_level_is_refused() {
+        let dev = CpuDevice::new();
+        let e = dev.clone().with_simd_within(SimdLevel::Avx512, SimdLevel::Avx2).unwrap_err();
+        assert_eq!(e, Error::SimdUnsupported { requested: "avx512".into(), available: "avx2".into() });
+        let e = dev.clone().with_simd_within(SimdLevel::Avx2, SimdLevel::Scalar).unwrap_err();
+        assert_eq!(e, Error::SimdUnsupported { requested: "avx2".into(), available: "scalar".into() });
+        let ok = dev.with_simd_within(SimdLevel::Avx2, SimdLevel::Avx512).unwrap();
+        assert_eq!(ok.simd(), SimdLevel::Avx2);
+    }
+}
