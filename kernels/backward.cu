@@ -84,8 +84,7 @@ __device__ __forceinline__ void reduce_nchw(const BnArgs& a) {
       const u64 total = (u64)C * splits;
       if (threadIdx.x == 0) put(a.partials, total, (u64)c * splits + split, s);
       if (!arrive_last(a.counters + c, (u32)splits, &sm_last)) continue;
-      s = sums_zero();
-      for (I k = threadIdx.x; k < splits; k += BN_THREADS) s = add(s, get_sums(a.partials, total, (u64)c * splits + k));
+      s = fold_partials<Sums>(a.partials, total, (u64)c * splits, 1, (I)threadIdx.x, splits, (I)BN_THREADS);
       s = block_merge(s, sm_warp);
       counter_reset(a.counters + c);
     }
@@ -161,13 +160,8 @@ __device__ __forceinline__ void reduce_nhwc(const BnArgs& a) {
       }
       if (!arrive_last(a.counters + tile, (u32)splits, &sm_last)) continue;
 #pragma unroll
-      for (int v = 0; v < V; ++v) s[v] = sums_zero();
-      if (active) {
-        for (I k = t.ty; k < splits; k += t.bdy) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) s[v] = add(s[v], get_sums(a.partials, total, (u64)k * C + ch0 + v));
-        }
-      }
+      for (int v = 0; v < V; ++v)
+        s[v] = active ? fold_partials<Sums>(a.partials, total, (u64)ch0 + v, C, (I)t.ty, splits, (I)t.bdy) : sums_zero();
       column_sum<V>(s, sm, t);
       counter_reset(a.counters + tile);
     }

@@ -61,8 +61,7 @@ __device__ __forceinline__ void stats_nchw(const BnArgs& a) {
       const u64 total = (u64)C * splits;
       if (threadIdx.x == 0) put(a.partials, total, (u64)c * splits + split, m);
       if (!arrive_last(a.counters + c, (u32)splits, &sm_last)) continue;
-      m = mo_empty();
-      for (I k = threadIdx.x; k < splits; k += BN_THREADS) m = chan(m, get_moments(a.partials, total, (u64)c * splits + k));
+      m = fold_partials<Moments>(a.partials, total, (u64)c * splits, 1, (I)threadIdx.x, splits, (I)BN_THREADS);
       m = block_merge(m, sm_warp);
       counter_reset(a.counters + c);
     }
@@ -151,13 +150,8 @@ __device__ __forceinline__ void stats_nhwc(const BnArgs& a) {
       }
       if (!arrive_last(a.counters + tile, (u32)splits, &sm_last)) continue;
 #pragma unroll
-      for (int v = 0; v < V; ++v) m[v] = mo_empty();
-      if (active) {
-        for (I k = t.ty; k < splits; k += t.bdy) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) m[v] = chan(m[v], get_moments(a.partials, total, (u64)k * C + ch0 + v));
-        }
-      }
+      for (int v = 0; v < V; ++v)
+        m[v] = active ? fold_partials<Moments>(a.partials, total, (u64)ch0 + v, C, (I)t.ty, splits, (I)t.bdy) : mo_empty();
       column_merge<V>(m, sm, t);
       counter_reset(a.counters + tile);
     }

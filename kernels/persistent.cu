@@ -335,9 +335,7 @@ __device__ __forceinline__ void fwd_persist_nchw(const BnArgs& a) {
       const u64 total = (u64)C * splits;
       if (threadIdx.x == 0) put(a.partials, total, (u64)c * splits + split, mb);
       grid_barrier(a.counters, gridDim.x * gridDim.y);
-      mb = mo_empty();
-      for (u32 k = threadIdx.x; k < splits; k += BN_THREADS)
-        mb = chan(mb, get_moments(a.partials, total, (u64)c * splits + k));
+      mb = fold_partials<Moments>(a.partials, total, (u64)c * splits, 1, (u32)threadIdx.x, splits, (u32)BN_THREADS);
       mb = block_merge(mb, sm_warp);
     }
     if (threadIdx.x == 0) {
@@ -385,8 +383,7 @@ __device__ __forceinline__ void bwd_persist_nchw(const BnArgs& a) {
       const u64 total = (u64)C * splits;
       if (threadIdx.x == 0) put(a.partials, total, (u64)c * splits + split, sb);
       grid_barrier(a.counters, gridDim.x * gridDim.y);
-      sb = sums_zero();
-      for (u32 k = threadIdx.x; k < splits; k += BN_THREADS) sb = add(sb, get_sums(a.partials, total, (u64)c * splits + k));
+      sb = fold_partials<Sums>(a.partials, total, (u64)c * splits, 1, (u32)threadIdx.x, splits, (u32)BN_THREADS);
       sb = block_merge(sb, sm_warp);
     }
     if (threadIdx.x == 0) {
@@ -465,13 +462,8 @@ __device__ __forceinline__ void fwd_persist_nhwc(const BnArgs& a) {
       }
       grid_barrier(a.counters, gridDim.x * gridDim.y);
 #pragma unroll
-      for (int v = 0; v < V; ++v) m[v] = mo_empty();
-      if (active) {
-        for (u32 k = t.ty; k < splits; k += t.bdy) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) m[v] = chan(m[v], get_moments(a.partials, total, (u64)k * C + ch0 + v));
-        }
-      }
+      for (int v = 0; v < V; ++v)
+        m[v] = active ? fold_partials<Moments>(a.partials, total, (u64)ch0 + v, C, (u32)t.ty, splits, (u32)t.bdy) : mo_empty();
       column_merge<V>(m, sm, t);
     }
     if (t.ty == 0 && active) {
@@ -541,13 +533,8 @@ __device__ __forceinline__ void bwd_persist_nhwc(const BnArgs& a) {
       }
       grid_barrier(a.counters, gridDim.x * gridDim.y);
 #pragma unroll
-      for (int v = 0; v < V; ++v) s[v] = sums_zero();
-      if (active) {
-        for (u32 k = t.ty; k < splits; k += t.bdy) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) s[v] = add(s[v], get_sums(a.partials, total, (u64)k * C + ch0 + v));
-        }
-      }
+      for (int v = 0; v < V; ++v)
+        s[v] = active ? fold_partials<Sums>(a.partials, total, (u64)ch0 + v, C, (u32)t.ty, splits, (u32)t.bdy) : sums_zero();
       column_sum<V>(s, sm, t);
     }
     if (t.ty == 0 && active) {

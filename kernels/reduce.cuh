@@ -315,6 +315,32 @@ __device__ __forceinline__ Sums get_sums(const float* p, u64 total, u64 i) {
   return s;
 }
 
+// The partials' monoids, for merging one slot of every split.
+template <typename T>
+struct Partial;
+template <>
+struct Partial<Moments> {
+  static __device__ __forceinline__ Moments zero() { return mo_empty(); }
+  static __device__ __forceinline__ Moments get(const float* p, u64 total, u64 i) { return get_moments(p, total, i); }
+  static __device__ __forceinline__ Moments combine(const Moments& a, const Moments& b) { return chan(a, b); }
+};
+template <>
+struct Partial<Sums> {
+  static __device__ __forceinline__ Sums zero() { return sums_zero(); }
+  static __device__ __forceinline__ Sums get(const float* p, u64 total, u64 i) { return get_sums(p, total, i); }
+  static __device__ __forceinline__ Sums combine(const Sums& a, const Sums& b) { return add(a, b); }
+};
+
+// One thread's share of a cross-split merge: the slots base + k * step for k = first,
+// first + stride, ... below splits, combined in increasing k (the caller then reduces
+// across the threads that shared the splits).
+template <typename T, typename I>
+__device__ __forceinline__ T fold_partials(const float* p, u64 total, u64 base, u64 step, I first, I splits, I stride) {
+  T acc = Partial<T>::zero();
+  for (I k = first; k < splits; k += stride) acc = Partial<T>::combine(acc, Partial<T>::get(p, total, base + (u64)k * step));
+  return acc;
+}
+
 // The last-block handshake. Every thread that wrote a partial calls this after its writes
 // (all threads of the block must call it). Returns true in exactly one block per counter:
 // the one that arrives last, which then sees every other block's partial. That block must
