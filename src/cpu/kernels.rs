@@ -893,72 +893,101 @@ impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
     type Output = GradSums;
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> GradSums {
-        let l = S::LANES;
-        let z = s.splat(0.0);
-        let (m_hi, m_lo) = split_mean::<T>(self.mean);
-        let mean = s.splat(m_hi);
-        let mut acc = GradAcc::<S> { g: [z; ACC], gx: [z; ACC] };
-        let mut steps = 0u32;
-        let mut out = GradSums::default();
-        for r in self.runs {
-            let n = r.x.len();
-            let nv = n - n % l;
-            let full = nv - nv % (ACC * l);
-            for i in (0..=full).step_by(ACC * l) {
-                // ACC vectors side by side; the last step takes the (< ACC) leftover vectors,
-                // each in its own accumulator, so short runs keep independent chains too.
-                for k in 0..ACC {
-                    let o = i + k * l;
-                    if o < nv {
-                        let dy = s.load(&r.dy[o..]);
-                        let g = match r.y {
-                            Some(y) => s.where_positive(s.load(&y[o..]), dy),
-                            None => dy,
-                        };
-                        acc.g[k] = s.add(acc.g[k], g);
-                        acc.gx[k] = s.fma(g, s.sub(s.load(&r.x[o..]), mean), acc.gx[k]);
-                    }
-                }
-                steps += 1;
-                if steps == SUM_FLUSH_STEPS {
-                    acc.fold(s, &mut out);
-                    steps = 0;
-                }
-            }
-            for j in nv..n {
-                let dy = r.dy[j].to_f64();
-                let g = match r.y {
-                    Some(y) if y[j].to_f32() <= 0.0 => 0.0,
-                    _ => dy,
-                };
-                out.g += g;
-                out.gx += g * (r.x[j].to_f64() - m_hi as f64);
-            }
+        // every run of a channel has `y` or none has (ReLU fused or not)
+        if self.runs.first().is_some_and(|r| r.y.is_some()) {
+            grad_sums_runs::<S, T, true>(s, self.runs, self.mean)
+        } else {
+            grad_sums_runs::<S, T, false>(s, self.runs, self.mean)
         }
-        acc.fold(s, &mut out);
-        out.gx -= m_lo * out.g;
-        out
     }
 }
 
-/// Vector accumulators of the backward sums.
-struct GradAcc<S: Simd> {
-    g: [S::V; ACC],
-    gx: [S::V; ACC],
+/// [`GradSumRuns`] with the ReLU gate (`RELU`: `g = dy` where `y > 0`, else 0) fixed at
+/// compile time. The accumulators are locals indexed by constants only, so they stay in
+/// registers (an accumulator struct indexed in a loop with a branch stayed in memory, and
+/// each add waited on a store and a reload).
+#[inline(always)]
+fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(s: S, runs: &[GradRun<'_, T>], mean: f32) -> GradSums {
+    let l = S::LANES;
+    let z = s.splat(0.0);
+    let (m_hi, m_lo) = split_mean::<T>(mean);
+    let mv = s.splat(m_hi);
+    let (mut g, mut gx) = ([z; ACC], [z; ACC]);
+    let mut steps = 0u32;
+    let mut out = GradSums::default();
+    for r in runs {
+        let n = r.x.len();
+        let (dy, x) = (&r.dy[..n], &r.x[..n]);
+        let y = if RELU { r.y.map_or(dy, |y| &y[..n]) } else { dy };
+        // a plain function, not a closure: a closure can stay out of line and then call the
+        // intrinsics without this function's target features (.ci/run checks for that)
+        let term = grad_term::<S, T, RELU>;
+        let full = n / (ACC * l) * (ACC * l);
+        for i in (0..full).step_by(ACC * l) {
+            for k in 0..ACC {
+                let (gv, xc) = term(s, dy, y, x, mv, i + k * l);
+                g[k] = s.add(g[k], gv);
+                gx[k] = s.fma(gv, xc, gx[k]);
+            }
+            steps += 1;
+            if steps == SUM_FLUSH_STEPS {
+                fold_sum_lanes(s, &mut g, &mut gx, &mut out);
+                steps = 0;
+            }
+        }
+        // the (< ACC) leftover vectors, each in its own accumulator: short runs (7x7 planes)
+        // keep independent chains too
+        let left = (n - full) / l;
+        for k in 0..ACC - 1 {
+            if k < left {
+                let (gv, xc) = term(s, dy, y, x, mv, full + k * l);
+                g[k] = s.add(g[k], gv);
+                gx[k] = s.fma(gv, xc, gx[k]);
+            }
+        }
+        if left > 0 {
+            steps += 1;
+            if steps == SUM_FLUSH_STEPS {
+                fold_sum_lanes(s, &mut g, &mut gx, &mut out);
+                steps = 0;
+            }
+        }
+        for j in full + left * l..n {
+            let gj = if RELU && y[j].to_f32() <= 0.0 { 0.0 } else { dy[j].to_f64() };
+            out.g += gj;
+            out.gx += gj * (x[j].to_f64() - m_hi as f64);
+        }
+    }
+    fold_sum_lanes(s, &mut g, &mut gx, &mut out);
+    out.gx -= m_lo * out.g;
+    out
 }
 
-impl<S: Simd> GradAcc<S> {
-    /// Add the lanes into the f64 totals and reset.
-    #[inline(always)]
-    fn fold(&mut self, s: S, out: &mut GradSums) {
-        let l = S::LANES;
-        for k in 0..ACC {
-            let (a, b) = (s.to_array(self.g[k]), s.to_array(self.gx[k]));
-            out.g += a[..l].iter().map(|&v| v as f64).sum::<f64>();
-            out.gx += b[..l].iter().map(|&v| v as f64).sum::<f64>();
-            self.g[k] = s.splat(0.0);
-            self.gx[k] = s.splat(0.0);
-        }
+/// The gated gradient `g` and the centred input `x - mean` of the vector at `o`.
+#[inline(always)]
+fn grad_term<S: Simd, T: Element, const RELU: bool>(
+    s: S,
+    dy: &[T],
+    y: &[T],
+    x: &[T],
+    mean: S::V,
+    o: usize,
+) -> (S::V, S::V) {
+    let d = s.load(&dy[o..]);
+    let g = if RELU { s.where_positive(s.load(&y[o..]), d) } else { d };
+    (g, s.sub(s.load(&x[o..]), mean))
+}
+
+/// Add the lanes of the backward-sum accumulators into the f64 totals and reset them.
+#[inline(always)]
+fn fold_sum_lanes<S: Simd>(s: S, g: &mut [S::V; ACC], gx: &mut [S::V; ACC], out: &mut GradSums) {
+    let l = S::LANES;
+    for k in 0..ACC {
+        let (a, b) = (s.to_array(g[k]), s.to_array(gx[k]));
+        out.g += a[..l].iter().map(|&v| v as f64).sum::<f64>();
+        out.gx += b[..l].iter().map(|&v| v as f64).sum::<f64>();
+        g[k] = s.splat(0.0);
+        gx[k] = s.splat(0.0);
     }
 }
 
@@ -1167,42 +1196,59 @@ impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
         let (run, maps) = (self.run, self.maps);
-        let c = maps.len();
         for sl in self.slabs.iter_mut() {
-            let map_of = |p: usize| maps[(sl.first + p / run) % c];
-            let n = sl.dx.len();
-            if run < S::LANES {
-                // runs shorter than a vector: run by run (grad_span vectorizes within a run)
-                for r in 0..n / run {
-                    let m = map_of(r * run);
-                    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), r * run, (r + 1) * run, |_| m);
-                }
-                continue;
+            match (sl.inp.y.is_some(), sl.dz.is_some()) {
+                (false, false) => grad_slab::<S, T, false, false>(s, sl, run, maps),
+                (false, true) => grad_slab::<S, T, false, true>(s, sl, run, maps),
+                (true, false) => grad_slab::<S, T, true, false>(s, sl, run, maps),
+                (true, true) => grad_slab::<S, T, true, true>(s, sl, run, maps),
             }
-            let (lo, hi) = vector_span::<S, T>(sl.dx, n);
-            let get = |r: usize| {
-                let m = maps[(sl.first + r) % c];
-                [m.mean, m.a, m.gmean, m.k]
-            };
-            let inp = &sl.inp;
-            let (dx, mut dz) = (&mut *sl.dx, sl.dz.as_deref_mut());
-            walk_runs(s, lo, hi, run, get, |p, &[mean, a, gmean, k]| {
-                let dy = s.load(&inp.dy[p..]);
-                let g = match inp.y {
-                    Some(y) => s.where_positive(s.load(&y[p..]), dy),
-                    None => dy,
-                };
-                let v = s.mul(a, s.fma(k, s.sub(s.load(&inp.x[p..]), mean), s.sub(g, gmean)));
-                s.store(&mut dx[p..], v);
-                if let Some(dz) = dz.as_deref_mut() {
-                    s.store(&mut dz[p..], g);
-                }
-            });
-            // heads and tails shorter than a vector: grad_span runs them scalar
-            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), 0, lo, map_of);
-            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), hi, n, map_of);
         }
     }
+}
+
+/// One slab of [`GradSlabs`] with the ReLU gate (`RELU`, `y` given) and the residual
+/// gradient (`DZ`, `dz` given) fixed at compile time, so the vector loop tests neither.
+#[inline(always)]
+fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
+    s: S,
+    sl: &mut GradSlab<'_, T>,
+    run: usize,
+    maps: &[GradMap],
+) {
+    let c = maps.len();
+    let map_of = |p: usize| maps[(sl.first + p / run) % c];
+    let n = sl.dx.len();
+    if run < S::LANES {
+        // runs shorter than a vector: run by run (grad_span vectorizes within a run)
+        for r in 0..n / run {
+            let m = map_of(r * run);
+            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), r * run, (r + 1) * run, |_| m);
+        }
+        return;
+    }
+    let (lo, hi) = vector_span::<S, T>(sl.dx, n);
+    let get = |r: usize| {
+        let m = maps[(sl.first + r) % c];
+        [m.mean, m.a, m.gmean, m.k]
+    };
+    let (dy, x) = (&sl.inp.dy[..n], &sl.inp.x[..n]);
+    let y = if RELU { sl.inp.y.map_or(dy, |y| &y[..n]) } else { dy };
+    let dx = &mut sl.dx[..n];
+    let mut no_dz: [T; 0] = [];
+    let dz: &mut [T] = if DZ { sl.dz.as_deref_mut().map_or(&mut no_dz[..], |d| &mut d[..n]) } else { &mut no_dz };
+    walk_runs(s, lo, hi, run, get, |p, &[mean, a, gmean, k]| {
+        let d = s.load(&dy[p..]);
+        let g = if RELU { s.where_positive(s.load(&y[p..]), d) } else { d };
+        let v = s.mul(a, s.fma(k, s.sub(s.load(&x[p..]), mean), s.sub(g, gmean)));
+        s.store(&mut dx[p..], v);
+        if DZ {
+            s.store(&mut dz[p..], g);
+        }
+    });
+    // heads and tails shorter than a vector: grad_span runs them scalar
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), 0, lo, map_of);
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), hi, n, map_of);
 }
 
 /// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
