@@ -213,10 +213,27 @@ fn fold_lanes<S: Simd>(s: S, steps: u32, mean: S::V, m2: S::V, total: &mut Momen
     let (means, m2s) = (s.to_array(mean), s.to_array(m2));
     let l = S::LANES;
     let n = steps as f64;
-    let avg = means[..l].iter().map(|&m| m as f64).sum::<f64>() / l as f64;
-    let spread: f64 = means[..l].iter().map(|&m| (m as f64 - avg) * (m as f64 - avg)).sum();
-    let m2_sum: f64 = m2s[..l].iter().map(|&v| v as f64).sum();
+    let avg = sum_f64(&means[..l], |m| m) / l as f64;
+    let spread = sum_f64(&means[..l], |m| (m - avg) * (m - avg));
+    let m2_sum = sum_f64(&m2s[..l], |v| v);
     total.merge(&Moments { count: n * l as f64, mean: avg, m2: m2_sum + n * spread });
+}
+
+/// `sum f(v as f64)` over lanes (8 or 16 of them) with eight partial sums: a plain
+/// `.sum()` is one serial chain of f64 adds (the compiler may not reorder them), 16 adds
+/// of 4 cycles each, and the folds of a channel run several such chains; for a 7x7
+/// channel they took longer than its vector work.
+#[inline(always)]
+fn sum_f64(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i] as f64);
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&x| f(x as f64)).sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest
 }
 
 // ---------------------------------------------------------------- moments over rows
@@ -627,7 +644,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     maps: &[ChannelAffine],
 ) {
     let c = maps.len();
-    let map_of = |r: usize| maps[(sl.first + r) % c];
+    let map_of = |r: usize| maps[channel_of(sl.first + r, c)];
     if run < S::LANES {
         for (r, (x, y)) in sl.x.chunks(run).zip(sl.y.chunks_mut(run)).enumerate() {
             norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r));
@@ -695,6 +712,17 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
             v = 0.0;
         }
         y[i] = T::from_f32_rounded(v);
+    }
+}
+
+/// Channel of run `i` of a channels-first stream (`i % c`) without a division when `i < c`
+/// (every run of a fused group): a division per run was a visible share of a 7x7 pass.
+#[inline(always)]
+fn channel_of(i: usize, c: usize) -> usize {
+    if i < c {
+        i
+    } else {
+        i % c
     }
 }
 
@@ -1006,8 +1034,8 @@ fn fold_sum_lanes<S: Simd>(s: S, g: &mut [S::V; ACC], gx: &mut [S::V; ACC], out:
     let l = S::LANES;
     for k in 0..ACC {
         let (a, b) = (s.to_array(g[k]), s.to_array(gx[k]));
-        out.g += a[..l].iter().map(|&v| v as f64).sum::<f64>();
-        out.gx += b[..l].iter().map(|&v| v as f64).sum::<f64>();
+        out.g += sum_f64(&a[..l], |v| v);
+        out.gx += sum_f64(&b[..l], |v| v);
         g[k] = s.splat(0.0);
         gx[k] = s.splat(0.0);
     }
@@ -1239,7 +1267,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     maps: &[GradMap],
 ) {
     let c = maps.len();
-    let map_of = |p: usize| maps[(sl.first + p / run) % c];
+    let map_of = |p: usize| maps[channel_of(sl.first + p / run, c)];
     let n = sl.dx.len();
     if run < S::LANES {
         // runs shorter than a vector: run by run (grad_span vectorizes within a run)
@@ -1251,7 +1279,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     }
     let (lo, hi) = vector_span::<S, T>(sl.dx, n);
     let get = |r: usize| {
-        let m = maps[(sl.first + r) % c];
+        let m = maps[channel_of(sl.first + r, c)];
         [m.mean, m.a, m.gmean, m.k]
     };
     let (dy, x) = (&sl.inp.dy[..n], &sl.inp.x[..n]);

@@ -264,9 +264,9 @@ impl Fused {
         &buf[(ni * self.c + ch.start) * self.s..(ni * self.c + ch.end) * self.s]
     }
 
-    /// The runs of channel `ch`.
-    fn runs<'a, T>(&self, buf: &'a [T], ch: usize) -> Vec<&'a [T]> {
-        (0..self.n).map(|ni| &buf[(ni * self.c + ch) * self.s..][..self.s]).collect()
+    /// Run `ni` (sample `ni`) of channel `ch`.
+    fn run<'a, T>(&self, buf: &'a [T], ch: usize, ni: usize) -> &'a [T] {
+        &buf[(ni * self.c + ch) * self.s..][..self.s]
     }
 }
 
@@ -293,10 +293,14 @@ pub(crate) fn forward_training<T: Element>(
             .into_par_iter()
             .enumerate()
             .map(|(k, ys)| {
+                // one run list per group, refilled per channel (an allocation per channel
+                // was a few % of a 7x7 forward)
+                let mut runs: Vec<&[T]> = Vec::with_capacity(f.n);
                 let moments: Vec<Moments> = f
                     .channels(k)
                     .map(|ch| {
-                        let runs = f.runs(x, ch);
+                        runs.clear();
+                        runs.extend((0..f.n).map(|ni| f.run(x, ch, ni)));
                         dispatch(level, RunMomentsKernel { runs: &runs, shift: runs[0][0].to_f32() })
                     })
                     .collect();
@@ -342,14 +346,16 @@ pub(crate) fn backward<T: Element>(
             .zip(dz_groups.par_iter_mut())
             .enumerate()
             .map(|(k, (dxs, dzs))| {
+                let mut runs: Vec<GradRun<'_, T>> = Vec::with_capacity(f.n);
                 let sums: Vec<GradSums> = f
                     .channels(k)
                     .map(|ch| {
-                        let (dys, xs) = (f.runs(dy, ch), f.runs(x, ch));
-                        let ys = y.map(|y| f.runs(y, ch));
-                        let runs: Vec<GradRun<'_, T>> = (0..f.n)
-                            .map(|ni| GradRun { dy: dys[ni], x: xs[ni], y: ys.as_ref().map(|v| v[ni]) })
-                            .collect();
+                        runs.clear();
+                        runs.extend((0..f.n).map(|ni| GradRun {
+                            dy: f.run(dy, ch, ni),
+                            x: f.run(x, ch, ni),
+                            y: y.map(|y| f.run(y, ch, ni)),
+                        }));
                         dispatch(level, GradSumRuns { runs: &runs, mean: mean[ch] })
                     })
                     .collect();
