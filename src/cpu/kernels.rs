@@ -83,35 +83,47 @@ impl<S: Simd> RunMoments<S> {
         }
     }
 
-    /// One lockstep Welford step of the `ACC` accumulators (each gets one vector).
+    /// Welford steps over `vectors` groups of `ACC` vectors, group `i` read by `load(i)` (one
+    /// vector per accumulator), on local copies of the accumulators: the struct stays in
+    /// memory (its tail buffer is indexed at run time), so updating its fields in the loop
+    /// made every step wait on a store and a reload.
     #[inline(always)]
-    fn step(&mut self, s: S, v: [S::V; ACC]) {
-        self.steps += 1;
-        let inv = s.splat(RECIP[self.steps as usize]);
-        for k in 0..ACC {
-            let v = s.sub(v[k], self.shift_v);
-            let d = s.sub(v, self.mean[k]);
-            self.mean[k] = s.fma(d, inv, self.mean[k]);
-            self.m2[k] = s.fma(d, s.sub(v, self.mean[k]), self.m2[k]);
+    fn steps(&mut self, s: S, vectors: usize, load: impl Fn(usize) -> [S::V; ACC]) {
+        let (mut mean, mut m2, mut steps) = (self.mean, self.m2, self.steps);
+        let shift = self.shift_v;
+        for i in 0..vectors {
+            let v = load(i);
+            steps += 1;
+            let inv = s.splat(RECIP[steps as usize]);
+            for k in 0..ACC {
+                let v = s.sub(v[k], shift);
+                let d = s.sub(v, mean[k]);
+                mean[k] = s.fma(d, inv, mean[k]);
+                m2[k] = s.fma(d, s.sub(v, mean[k]), m2[k]);
+            }
+            if steps == FLUSH_STEPS {
+                fold_groups(s, steps, &mean, &m2, &mut self.total);
+                (mean, m2, steps) = ([s.splat(0.0); ACC], [s.splat(0.0); ACC], 0);
+            }
         }
-        if self.steps == FLUSH_STEPS {
-            self.flush_groups(s);
-        }
+        (self.mean, self.m2, self.steps) = (mean, m2, steps);
     }
 
     /// Add one run: `ACC` consecutive vectors per step, then single vectors, then scalars.
     #[inline(always)]
     pub(crate) fn push_run<T: Element>(&mut self, s: S, x: &[T]) {
         let l = S::LANES;
-        let mut groups = x.chunks_exact(ACC * l);
-        for g in &mut groups {
+        let groups = x.len() / (ACC * l);
+        let (body, rest) = x.split_at(groups * ACC * l);
+        self.steps(s, groups, |i| {
+            let g = &body[i * ACC * l..][..ACC * l];
             let mut v = [s.splat(0.0); ACC];
             for (k, v) in v.iter_mut().enumerate() {
                 *v = s.load(&g[k * l..]);
             }
-            self.step(s, v);
-        }
-        self.push_tail(s, groups.remainder());
+            v
+        });
+        self.push_tail(s, rest);
     }
 
     /// Add `ACC` runs of equal length at once, vector `i` of run `k` into accumulator `k`:
@@ -122,13 +134,13 @@ impl<S: Simd> RunMoments<S> {
         let len = runs[0].len();
         debug_assert!(runs.iter().all(|r| r.len() == len));
         let nv = len - len % l;
-        for i in (0..nv).step_by(l) {
+        self.steps(s, nv / l, |i| {
             let mut v = [s.splat(0.0); ACC];
             for (v, r) in v.iter_mut().zip(&runs) {
-                *v = s.load(&r[i..]);
+                *v = s.load(&r[i * l..]);
             }
-            self.step(s, v);
-        }
+            v
+        });
         for r in runs {
             self.push_tail(s, &r[nv..]);
         }
@@ -173,13 +185,8 @@ impl<S: Simd> RunMoments<S> {
         if self.steps == 0 {
             return;
         }
-        let z = s.splat(0.0);
-        for k in 0..ACC {
-            fold_lanes(s, self.steps, self.mean[k], self.m2[k], &mut self.total);
-            self.mean[k] = z;
-            self.m2[k] = z;
-        }
-        self.steps = 0;
+        fold_groups(s, self.steps, &self.mean, &self.m2, &mut self.total);
+        (self.mean, self.m2, self.steps) = ([s.splat(0.0); ACC], [s.splat(0.0); ACC], 0);
     }
 
     #[inline(always)]
@@ -207,10 +214,29 @@ impl<S: Simd> RunMoments<S> {
     }
 }
 
+/// [`fold_lanes`] of `ACC` accumulators with the same step count. Their vectors leave
+/// through a store loop small enough to unroll: the fold's own loop is not unrolled, and
+/// indexing the accumulators in it would pin them to memory wherever they are updated.
+#[inline(always)]
+fn fold_groups<S: Simd>(s: S, steps: u32, mean: &[S::V; ACC], m2: &[S::V; ACC], total: &mut Moments) {
+    let (mut means, mut m2s) = ([[0f32; 16]; ACC], [[0f32; 16]; ACC]);
+    for k in 0..ACC {
+        (means[k], m2s[k]) = (s.to_array(mean[k]), s.to_array(m2[k]));
+    }
+    for k in 0..ACC {
+        fold_lane_arrays::<S>(steps, &means[k], &m2s[k], total);
+    }
+}
+
 /// Fold `LANES` Welford lanes, each over `steps` values, into `total` (Chan, in f64).
 #[inline(always)]
 fn fold_lanes<S: Simd>(s: S, steps: u32, mean: S::V, m2: S::V, total: &mut Moments) {
-    let (means, m2s) = (s.to_array(mean), s.to_array(m2));
+    fold_lane_arrays::<S>(steps, &s.to_array(mean), &s.to_array(m2), total);
+}
+
+/// [`fold_lanes`] of lanes already stored as arrays.
+#[inline(always)]
+fn fold_lane_arrays<S: Simd>(steps: u32, means: &[f32; 16], m2s: &[f32; 16], total: &mut Moments) {
     let l = S::LANES;
     let n = steps as f64;
     let avg = sum_f64(&means[..l], |m| m) / l as f64;
