@@ -214,15 +214,22 @@ impl<S: Simd> RunMoments<S> {
     }
 }
 
-/// [`fold_lanes`] of `ACC` accumulators with the same step count. Their vectors leave
-/// through a store loop small enough to unroll: the fold's own loop is not unrolled, and
-/// indexing the accumulators in it would pin them to memory wherever they are updated.
+/// The lanes of `ACC` accumulators as arrays, through a store loop small enough to unroll.
+/// The folds go through this: their own loops are not unrolled, and indexing the
+/// accumulators inside them would pin the accumulators to memory wherever they are updated.
+#[inline(always)]
+fn lanes_of<S: Simd>(s: S, v: &[S::V; ACC]) -> [[f32; 16]; ACC] {
+    let mut out = [[0f32; 16]; ACC];
+    for k in 0..ACC {
+        out[k] = s.to_array(v[k]);
+    }
+    out
+}
+
+/// [`fold_lanes`] of `ACC` accumulators with the same step count.
 #[inline(always)]
 fn fold_groups<S: Simd>(s: S, steps: u32, mean: &[S::V; ACC], m2: &[S::V; ACC], total: &mut Moments) {
-    let (mut means, mut m2s) = ([[0f32; 16]; ACC], [[0f32; 16]; ACC]);
-    for k in 0..ACC {
-        (means[k], m2s[k]) = (s.to_array(mean[k]), s.to_array(m2[k]));
-    }
+    let (means, m2s) = (lanes_of(s, mean), lanes_of(s, m2));
     for k in 0..ACC {
         fold_lane_arrays::<S>(steps, &means[k], &m2s[k], total);
     }
@@ -1058,13 +1065,12 @@ fn grad_term<S: Simd, T: Element, const RELU: bool>(
 #[inline(always)]
 fn fold_sum_lanes<S: Simd>(s: S, g: &mut [S::V; ACC], gx: &mut [S::V; ACC], out: &mut GradSums) {
     let l = S::LANES;
+    let (ga, gxa) = (lanes_of(s, g), lanes_of(s, gx));
     for k in 0..ACC {
-        let (a, b) = (s.to_array(g[k]), s.to_array(gx[k]));
-        out.g += sum_f64(&a[..l], |v| v);
-        out.gx += sum_f64(&b[..l], |v| v);
-        g[k] = s.splat(0.0);
-        gx[k] = s.splat(0.0);
+        out.g += sum_f64(&ga[k][..l], |v| v);
+        out.gx += sum_f64(&gxa[k][..l], |v| v);
     }
+    (*g, *gx) = ([s.splat(0.0); ACC], [s.splat(0.0); ACC]);
 }
 
 /// Kernel: backward sums of every channel over whole rows of `[rows][C]`.
