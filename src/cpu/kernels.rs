@@ -59,7 +59,7 @@ pub(crate) struct RunMoments<S: Simd> {
     /// Run tails (fewer than `LANES` values each) gathered into whole vectors for the spare
     /// accumulator: a 7x7 plane's one leftover value would otherwise take a scalar f64
     /// Welford step with a division, as long as the plane's three vector steps together.
-    tail: [f32; 16],
+    tail: [f32; 32],
     tail_len: usize,
     total: Moments,
 }
@@ -77,22 +77,22 @@ impl<S: Simd> RunMoments<S> {
             mean1: z,
             m2_1: z,
             steps1: 0,
-            tail: [0.0; 16],
+            tail: [0.0; 32],
             tail_len: 0,
             total: Moments::default(),
         }
     }
 
-    /// Welford steps over `vectors` groups of `ACC` vectors, group `i` read by `load(i)` (one
+    /// Welford steps over `vectors` groups of `ACC` vectors, group `i` read by `src` (one
     /// vector per accumulator), on local copies of the accumulators: the struct stays in
     /// memory (its tail buffer is indexed at run time), so updating its fields in the loop
     /// made every step wait on a store and a reload.
     #[inline(always)]
-    fn steps(&mut self, s: S, vectors: usize, load: impl Fn(usize) -> [S::V; ACC]) {
+    fn steps(&mut self, s: S, vectors: usize, src: impl Groups<S>) {
         let (mut mean, mut m2, mut steps) = (self.mean, self.m2, self.steps);
         let shift = self.shift_v;
         for i in 0..vectors {
-            let v = load(i);
+            let v = src.group(s, i);
             steps += 1;
             let inv = s.splat(RECIP[steps as usize]);
             for k in 0..ACC {
@@ -115,15 +115,14 @@ impl<S: Simd> RunMoments<S> {
         let l = S::LANES;
         let groups = x.len() / (ACC * l);
         let (body, rest) = x.split_at(groups * ACC * l);
-        self.steps(s, groups, |i| {
-            let g = &body[i * ACC * l..][..ACC * l];
-            let mut v = [s.splat(0.0); ACC];
-            for (k, v) in v.iter_mut().enumerate() {
-                *v = s.load(&g[k * l..]);
-            }
-            v
-        });
-        self.push_tail(s, rest);
+        self.steps(s, groups, Consecutive(body));
+        if x.len() >= l {
+            let whole = rest.len() / l * l;
+            self.push_tail(s, &rest[..whole]);
+            self.push_last(s, x, rest.len() - whole);
+        } else {
+            self.push_tail(s, rest);
+        }
     }
 
     /// Add `ACC` runs of equal length at once, vector `i` of run `k` into accumulator `k`:
@@ -134,15 +133,78 @@ impl<S: Simd> RunMoments<S> {
         let len = runs[0].len();
         debug_assert!(runs.iter().all(|r| r.len() == len));
         let nv = len - len % l;
-        self.steps(s, nv / l, |i| {
-            let mut v = [s.splat(0.0); ACC];
-            for (v, r) in v.iter_mut().zip(&runs) {
-                *v = s.load(&r[i * l..]);
-            }
-            v
-        });
+        self.steps(s, nv / l, SideBySide { runs, at: 0 });
         for r in runs {
             self.push_tail(s, &r[nv..]);
+        }
+    }
+
+    /// Add runs of one length `>= LANES`, `ACC` side by side (run `j * ACC + k` into
+    /// accumulator `k`): each accumulator reads the concatenation of its runs, so every
+    /// vector is whole; one that straddles two runs is the splice of the run's last vector
+    /// and the next run's first. The `ACC` streams stay in step (equal lengths), so the
+    /// straddle is found once per group of runs. Short runs (7x7, 14x14 planes) then take
+    /// no per-value tails but the last group's; runs left over (fewer than `ACC`) go alone.
+    #[inline(always)]
+    pub(crate) fn push_spliced_runs<T: Element>(&mut self, s: S, runs: &[&[T]]) {
+        let l = S::LANES;
+        let Some(first) = runs.first() else { return };
+        let len = first.len();
+        debug_assert!(len >= l && runs.iter().all(|r| r.len() == len));
+        let mut groups = runs.chunks_exact(ACC).peekable();
+        // where the group's next vector starts: the previous straddle took the values before
+        let mut at = 0;
+        while let Some(g) = groups.next() {
+            let whole = (len - at) / l;
+            let g: [&[T]; ACC] = [g[0], g[1], g[2], g[3]];
+            self.steps(s, whole, SideBySide { runs: g, at });
+            let end = at + whole * l;
+            let left = len - end;
+            at = 0;
+            if left == 0 {
+                continue;
+            }
+            match groups.peek() {
+                Some(next) => {
+                    let mut v = [s.splat(0.0); ACC];
+                    for ((v, r), h) in v.iter_mut().zip(g).zip(*next) {
+                        *v = s.splice(left, s.load(&r[len - l..]), s.load(h));
+                    }
+                    self.steps(s, 1, Ready(v));
+                    at = l - left;
+                }
+                None => {
+                    for r in g {
+                        self.push_last(s, r, left);
+                    }
+                }
+            }
+        }
+        for r in runs.chunks_exact(ACC).remainder() {
+            self.push_run(s, r);
+        }
+    }
+
+    /// The last `left < LANES` values of `run` (at least a vector long) into the tail
+    /// buffer with one vector store (value by value, with a conversion each, they were a
+    /// sixth of a 7x7 channel's moments).
+    #[inline(always)]
+    fn push_last<T: Element>(&mut self, s: S, run: &[T], left: usize) {
+        let l = S::LANES;
+        debug_assert!(left < l && run.len() >= l && self.tail_len < l);
+        if left == 0 {
+            return;
+        }
+        let v = s.load(&run[run.len() - l..]);
+        // the splice puts the last `left` lanes first; the lanes after them are scratch
+        s.store_f32(&mut self.tail[self.tail_len..], s.splice(left, v, v));
+        self.tail_len += left;
+        if self.tail_len >= l {
+            let v = s.load_f32(&self.tail[..l]);
+            self.step1(s, v);
+            let rest = s.load_f32(&self.tail[l..]);
+            s.store_f32(&mut self.tail[..l], rest);
+            self.tail_len -= l;
         }
     }
 
@@ -214,6 +276,56 @@ impl<S: Simd> RunMoments<S> {
     }
 }
 
+/// Where [`RunMoments::steps`] reads its groups of `ACC` vectors (types with inline(always)
+/// methods, not closures: a closure may stay out of line, and then calls the intrinsics
+/// without the caller's target features).
+trait Groups<S: Simd> {
+    fn group(&self, s: S, i: usize) -> [S::V; ACC];
+}
+
+/// Group `i`: the `ACC` consecutive vectors at `i * ACC * LANES`.
+struct Consecutive<'a, T>(&'a [T]);
+
+impl<S: Simd, T: Element> Groups<S> for Consecutive<'_, T> {
+    #[inline(always)]
+    fn group(&self, s: S, i: usize) -> [S::V; ACC] {
+        let l = S::LANES;
+        let g = &self.0[i * ACC * l..][..ACC * l];
+        let mut v = [s.splat(0.0); ACC];
+        for (k, v) in v.iter_mut().enumerate() {
+            *v = s.load(&g[k * l..]);
+        }
+        v
+    }
+}
+
+/// Group `i`: vector `i` from `at` of each of `ACC` runs.
+struct SideBySide<'a, T> {
+    runs: [&'a [T]; ACC],
+    at: usize,
+}
+
+impl<S: Simd, T: Element> Groups<S> for SideBySide<'_, T> {
+    #[inline(always)]
+    fn group(&self, s: S, i: usize) -> [S::V; ACC] {
+        let mut v = [s.splat(0.0); ACC];
+        for (v, r) in v.iter_mut().zip(&self.runs) {
+            *v = s.load(&r[self.at + i * S::LANES..]);
+        }
+        v
+    }
+}
+
+/// One group, already loaded.
+struct Ready<V>([V; ACC]);
+
+impl<S: Simd> Groups<S> for Ready<S::V> {
+    #[inline(always)]
+    fn group(&self, _: S, _: usize) -> [S::V; ACC] {
+        self.0
+    }
+}
+
 /// The lanes of `ACC` accumulators as arrays, through a store loop small enough to unroll.
 /// The folds go through this: their own loops are not unrolled, and indexing the
 /// accumulators inside them would pin the accumulators to memory wherever they are updated.
@@ -226,13 +338,19 @@ fn lanes_of<S: Simd>(s: S, v: &[S::V; ACC]) -> [[f32; 16]; ACC] {
     out
 }
 
-/// [`fold_lanes`] of `ACC` accumulators with the same step count.
+/// [`fold_lanes`] of `ACC` accumulators with the same step count: merged lane by lane in
+/// the vectors first (Chan's merge of equal counts: the mean of the means, and the spread of
+/// the means times the count added to the summed m2), then one f64 fold of the lanes
+/// instead of `ACC`: the folds were a fifth of a 7x7 channel's moments.
 #[inline(always)]
 fn fold_groups<S: Simd>(s: S, steps: u32, mean: &[S::V; ACC], m2: &[S::V; ACC], total: &mut Moments) {
-    let (means, m2s) = (lanes_of(s, mean), lanes_of(s, m2));
-    for k in 0..ACC {
-        fold_lane_arrays::<S>(steps, &means[k], &m2s[k], total);
-    }
+    const { assert!(ACC == 4) };
+    let avg = s.mul(s.add(s.add(mean[0], mean[1]), s.add(mean[2], mean[3])), s.splat(0.25));
+    let d = [s.sub(mean[0], avg), s.sub(mean[1], avg), s.sub(mean[2], avg), s.sub(mean[3], avg)];
+    let spread = s.add(s.fma(d[0], d[0], s.mul(d[1], d[1])), s.fma(d[2], d[2], s.mul(d[3], d[3])));
+    let m2_sum = s.add(s.add(m2[0], m2[1]), s.add(m2[2], m2[3]));
+    let merged = s.fma(spread, s.splat(steps as f32), m2_sum);
+    fold_lanes(s, steps * ACC as u32, avg, merged, total);
 }
 
 /// Fold `LANES` Welford lanes, each over `steps` values, into `total` (Chan, in f64).
@@ -534,7 +652,8 @@ fn row_moments_rows<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
     }
 }
 
-/// Kernel: moments of one channel given as a list of runs.
+/// Kernel: moments of one channel given as a list of runs, all of one length (the planes
+/// of a channels-first channel).
 pub(crate) struct RunMomentsKernel<'a, 'b, T> {
     pub runs: &'b [&'a [T]],
     pub shift: f32,
@@ -545,8 +664,14 @@ impl<T: Element> Kernel for RunMomentsKernel<'_, '_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Moments {
         let mut acc = RunMoments::new(s, self.shift);
-        // short runs: ACC runs side by side; long runs: ACC vectors of one run side by side
-        let short = self.runs.first().is_some_and(|r| r.len() < 4 * ACC * S::LANES);
+        // short runs of at least a vector: one stream of whole vectors; shorter ones: ACC
+        // runs side by side; long runs: ACC vectors of one run side by side
+        let len = self.runs.first().map_or(0, |r| r.len());
+        let short = len < 4 * ACC * S::LANES;
+        if short && len >= S::LANES {
+            acc.push_spliced_runs(s, self.runs);
+            return acc.finish(s);
+        }
         let rest = if short {
             let mut groups = self.runs.chunks_exact(ACC);
             for g in &mut groups {
@@ -1435,13 +1560,15 @@ mod tests {
     use half::f16;
 
     /// Runs whose lengths leave tails (7x7 planes: 49 values, one past three AVX-512
-    /// vectors; lengths 1 to 40 mixed), on every level, against the f64 moments: the
-    /// tails gathered into whole vectors must count each value exactly once.
+    /// vectors; every length 1 to 40 in groups of runs that are not a multiple of `ACC`),
+    /// on every level, against the f64 moments: spliced vectors and tails must count each
+    /// value exactly once.
     #[test]
     fn run_moments_with_tails_match_f64() {
         let data: Vec<f32> =
             (0..40_000u32).map(|i| 1e3 + ((i.wrapping_mul(2_654_435_761) >> 8) % 1000) as f32 / 7.0).collect();
-        let cases: Vec<Vec<usize>> = vec![vec![49; 32], (1..=40).collect(), vec![3; 70], vec![196; 9], vec![17; 5]];
+        let mut cases: Vec<Vec<usize>> = vec![vec![49; 32], vec![3; 70], vec![196; 9], vec![17; 5], vec![300; 3]];
+        cases.extend((1..=40).map(|n| vec![n; 7]));
         for lens in cases {
             let mut runs: Vec<&[f32]> = Vec::new();
             let mut at = 0;

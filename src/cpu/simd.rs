@@ -106,6 +106,10 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn where_positive(self, mask_src: Self::V, v: Self::V) -> Self::V;
     /// The first `k` lanes of `a`, the rest of `b` (`k <= LANES`).
     fn select_first(self, k: usize, a: Self::V, b: Self::V) -> Self::V;
+    /// The last `k` lanes of `a` followed by the first `LANES - k` lanes of `b`
+    /// (`0 < k < LANES`): a vector that straddles the end of one run and the start of the
+    /// next, from one whole-vector load of each.
+    fn splice(self, k: usize, a: Self::V, b: Self::V) -> Self::V;
 
     fn load_f32(self, src: &[f32]) -> Self::V;
     fn store_f32(self, dst: &mut [f32], v: Self::V);
@@ -229,6 +233,10 @@ impl Simd for Scalar {
     #[inline(always)]
     fn select_first(self, k: usize, a: Self::V, b: Self::V) -> Self::V {
         std::array::from_fn(|i| if i < k { a[i] } else { b[i] })
+    }
+    #[inline(always)]
+    fn splice(self, k: usize, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| if i < k { a[8 - k + i] } else { b[i - k] })
     }
     #[inline(always)]
     fn load_f32(self, src: &[f32]) -> Self::V {
@@ -357,6 +365,17 @@ mod x86 {
             unsafe { _mm512_mask_blend_ps(mask, b, a) }
         }
         #[inline(always)]
+        fn splice(self, k: usize, a: __m512, b: __m512) -> __m512 {
+            // lane i takes index i + 16 - k of the pair (a, b): a[16 - k + i] for i < k,
+            // b[i - k] after (indices 16..31 name b's lanes)
+            // SAFETY: see the impl comment.
+            unsafe {
+                let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let idx = _mm512_add_epi32(lane, _mm512_set1_epi32(16 - k as i32));
+                _mm512_permutex2var_ps(a, idx, b)
+            }
+        }
+        #[inline(always)]
         fn load_f32(self, src: &[f32]) -> __m512 {
             assert!(src.len() >= 16);
             // SAFETY: 16 f32 are readable (checked); see the impl comment.
@@ -460,6 +479,19 @@ mod x86 {
                 let first = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32), lane);
                 _mm256_blendv_ps(b, a, _mm256_castsi256_ps(first))
             }
+        }
+        #[inline(always)]
+        fn splice(self, k: usize, a: __m256, b: __m256) -> __m256 {
+            // rotate both by k lanes (a[8 - k + i] and b[i - k] land in lane i), keep the
+            // first k lanes of a's rotation
+            // SAFETY: see the impl comment above `impl Simd for Avx512`.
+            let (ra, rb) = unsafe {
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let idx =
+                    _mm256_and_si256(_mm256_add_epi32(lane, _mm256_set1_epi32(8 - k as i32)), _mm256_set1_epi32(7));
+                (_mm256_permutevar8x32_ps(a, idx), _mm256_permutevar8x32_ps(b, idx))
+            };
+            self.select_first(k, ra, rb)
         }
         #[inline(always)]
         fn load_f32(self, src: &[f32]) -> __m256 {
@@ -579,6 +611,43 @@ mod tests {
                 assert_eq!(b[i].to_bits(), eb.to_bits(), "{level} bf16 of {}", src[i]);
                 let sum = eh.to_f32() + eb.to_f32();
                 assert!(back[i] == sum || (back[i].is_nan() && sum.is_nan()), "{level} load at {i}");
+            }
+        }
+    }
+
+    struct Splices<'a> {
+        out: &'a mut Vec<(usize, Vec<f32>)>,
+    }
+
+    impl Kernel for Splices<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) {
+            let l = S::LANES;
+            let a: Vec<f32> = (0..l).map(|i| i as f32).collect();
+            let b: Vec<f32> = (0..l).map(|i| 100.0 + i as f32).collect();
+            for k in 1..l {
+                let v = s.splice(k, s.load_f32(&a), s.load_f32(&b));
+                self.out.push((k, s.to_array(v)[..l].to_vec()));
+            }
+        }
+    }
+
+    /// `splice(k, a, b)` is the last k lanes of a, then the first LANES - k of b.
+    #[test]
+    fn splice_joins_the_end_of_one_vector_to_the_start_of_the_next() {
+        for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+            if !level.is_supported() {
+                continue;
+            }
+            let mut out = Vec::new();
+            dispatch(level, Splices { out: &mut out });
+            let l = level.lanes();
+            assert_eq!(out.len(), l - 1, "{level}");
+            for (k, v) in out {
+                let want: Vec<f32> =
+                    (0..l).map(|i| if i < k { (l - k + i) as f32 } else { 100.0 + (i - k) as f32 }).collect();
+                assert_eq!(v, want, "{level} k = {k}");
             }
         }
     }
