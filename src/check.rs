@@ -472,6 +472,7 @@ pub fn standard_shapes() -> Vec<Vec<usize>> {
         vec![2, 32, 8, 8],
         vec![3, 40, 13, 11],
         vec![8, 6, 7, 7],
+        vec![13, 5, 9, 9],
         vec![4, 3, 64, 80],
         vec![2, 4, 3, 5, 7],
         vec![1, 2, 2, 3, 3],
