@@ -820,14 +820,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
             let z = if ADD { &z[at..at + run] } else { z };
             let mut p = 0;
             loop {
-                let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
-                if ADD {
-                    v = s.add(v, s.load(&z[p..]));
-                }
-                if RELU {
-                    v = s.relu(v);
-                }
-                s.store(&mut y[p..], v);
+                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift));
                 if p + l == run {
                     break;
                 }
@@ -844,14 +837,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         [m.mean, m.scale, m.shift]
     };
     walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, scale, shift]| {
-        let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
-        if ADD {
-            v = s.add(v, s.load(&z[p..]));
-        }
-        if RELU {
-            v = s.relu(v);
-        }
-        s.store(&mut y[p..], v);
+        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift));
     });
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
@@ -864,6 +850,26 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         }
         y[p] = T::from_f32_rounded(v);
     }
+}
+
+/// The vector at `p`: `y = act((x - mean) * scale + shift + z)`.
+#[inline(always)]
+fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    x: &[T],
+    z: &[T],
+    y: &mut [T],
+    p: usize,
+    (mean, scale, shift): (S::V, S::V, S::V),
+) {
+    let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
+    if ADD {
+        v = s.add(v, s.load(&z[p..]));
+    }
+    if RELU {
+        v = s.relu(v);
+    }
+    s.store(&mut y[p..], v);
 }
 
 #[inline(always)]
@@ -879,14 +885,7 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     let (lo, hi) = vector_span::<S, T>(y, n);
     let (mean, scale, shift) = (s.splat(m.mean), s.splat(m.scale), s.splat(m.shift));
     for i in (lo..hi).step_by(l) {
-        let mut v = s.fma(s.sub(s.load(&x[i..]), mean), scale, shift);
-        if ADD {
-            v = s.add(v, s.load(&z[i..]));
-        }
-        if RELU {
-            v = s.relu(v);
-        }
-        s.store(&mut y[i..], v);
+        norm_vec::<S, T, ADD, RELU>(s, x, z, y, i, (mean, scale, shift));
     }
     for i in (0..lo).chain(hi..n) {
         let mut v = (x[i].to_f32() - m.mean).mul_add(m.scale, m.shift);
@@ -1037,14 +1036,7 @@ fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: us
     for r in (0..x.len()).step_by(c) {
         for i in 0..W {
             let o = r + col + i * l;
-            let mut v = s.fma(s.sub(s.load(&x[o..]), m[i]), sc[i], sh[i]);
-            if ADD {
-                v = s.add(v, s.load(&z[o..]));
-            }
-            if RELU {
-                v = s.relu(v);
-            }
-            s.store(&mut y[o..], v);
+            norm_vec::<S, T, ADD, RELU>(s, x, z, y, o, (m[i], sc[i], sh[i]));
         }
     }
 }
