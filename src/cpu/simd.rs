@@ -17,7 +17,8 @@ pub enum SimdLevel {
     Scalar,
     /// AVX2 + FMA + F16C, 8 lanes.
     Avx2,
-    /// AVX-512F, 16 lanes.
+    /// AVX-512F, 16 lanes; bf16 outputs are rounded by AVX512-BF16's `vcvtneps2bf16` where
+    /// the CPU has it (same results: round to nearest even, NaN kept, denormals handled).
     Avx512,
 }
 
@@ -176,6 +177,11 @@ pub(crate) fn dispatch<K: Kernel>(level: SimdLevel, k: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
     {
         match level {
+            SimdLevel::Avx512 if x86::avx512_bf16_ok() => {
+                // SAFETY: the CPU supports AVX-512F/BF16/BW/VL/DQ, AVX2, FMA and F16C
+                // (checked above).
+                return unsafe { x86::run_avx512_bf16(k) };
+            }
             SimdLevel::Avx512 if x86::avx512_ok() => {
                 // SAFETY: the CPU supports AVX-512F, AVX2, FMA and F16C (checked above).
                 return unsafe { x86::run_avx512(k) };
@@ -288,13 +294,31 @@ mod x86 {
             && is_x86_feature_detected!("f16c")
     }
 
+    /// AVX-512 plus the BF16 conversion (and the BW/VL/DQ parts its path uses), checked
+    /// once per process.
+    pub(super) fn avx512_bf16_ok() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            avx512_ok()
+                && is_x86_feature_detected!("avx512bf16")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512dq")
+        })
+    }
+
     pub(super) fn avx2_ok() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
 
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
-        k.run(Avx512(()))
+        k.run(Avx512::<false>(()))
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c,avx512bf16,avx512bw,avx512vl,avx512dq")]
+    pub(super) unsafe fn run_avx512_bf16<K: Kernel>(k: K) -> K::Output {
+        k.run(Avx512::<true>(()))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -302,9 +326,11 @@ mod x86 {
         k.run(Avx2(()))
     }
 
-    /// Proof that the CPU has AVX-512F (+AVX2, FMA, F16C). Only `run_avx512` makes one.
+    /// Proof that the CPU has AVX-512F (+AVX2, FMA, F16C), and with `BF16` also
+    /// AVX512-BF16/BW/VL/DQ. Only `run_avx512` (`BF16 = false`) and `run_avx512_bf16` make
+    /// one. The two differ only in `store_bf16`.
     #[derive(Clone, Copy)]
-    pub(crate) struct Avx512(());
+    pub(crate) struct Avx512<const BF16: bool>(());
 
     /// Proof that the CPU has AVX2, FMA and F16C. Only `run_avx2` makes one.
     #[derive(Clone, Copy)]
@@ -314,7 +340,7 @@ mod x86 {
     // exists only inside `run_avx512`/`run_avx2`, which `dispatch` calls after checking
     // the CPU features those intrinsics need; every pointer access is preceded by a
     // bounds check of the slice against LANES.
-    impl Simd for Avx512 {
+    impl<const BF16: bool> Simd for Avx512<BF16> {
         const LANES: usize = 16;
         const REGS: usize = 32;
         type V = __m512;
@@ -414,6 +440,15 @@ mod x86 {
         #[inline(always)]
         fn store_bf16(self, dst: &mut [half::bf16], v: __m512) {
             assert!(dst.len() >= 16);
+            if BF16 && !self.bf16_denormal(v) {
+                // SAFETY: 32 bytes are writable (checked); `Avx512<true>` exists only where
+                // the CPU has AVX512-BF16 (see the impl comment).
+                unsafe {
+                    let b = _mm512_cvtneps_pbh(v);
+                    _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(b));
+                }
+                return;
+            }
             // SAFETY: 32 bytes are writable (checked); see the impl comment.
             unsafe {
                 let bits = _mm512_castps_si512(v);
@@ -428,6 +463,20 @@ mod x86 {
                 let r = _mm512_mask_blend_epi32(nan, rounded, quiet);
                 _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, _mm512_cvtepi32_epi16(r))
             }
+        }
+    }
+
+    impl<const BF16: bool> Avx512<BF16> {
+        /// Whether a lane of `v` is an f32 denormal: `vcvtneps2bf16` rounds to nearest
+        /// even and quiets NaNs as `half` does (one instruction instead of ten) but reads
+        /// denormal inputs as zero, so such vectors take the integer rounding. Only called
+        /// when `BF16` (the test needs AVX512-DQ).
+        #[inline(always)]
+        fn bf16_denormal(self, v: __m512) -> bool {
+            debug_assert!(BF16);
+            // SAFETY: called only on `Avx512<true>`, which exists only where the CPU has
+            // AVX512-DQ.
+            unsafe { _mm512_fpclass_ps_mask::<0x20>(v) != 0 }
         }
     }
 
@@ -593,13 +642,36 @@ mod tests {
             -0.0,
             1e-8,
         ]);
-        for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
-            if !level.is_supported() {
+        // f32 denormals (the AVX512-BF16 conversion reads them as zero: those vectors must
+        // take the integer rounding), alone in a vector and among normal values
+        src[32..40].copy_from_slice(&[1e-39, -3e-40, f32::MIN_POSITIVE / 2.0, 1.0, -2.5, 7e-45, 1e-40, 3.0]);
+        src[48] = -1.1e-38;
+        // every level, and on AVX-512 both variants (with and without the BF16 conversion)
+        let mut runs: Vec<(String, SimdLevel, bool)> = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+            .into_iter()
+            .map(|l| (l.to_string(), l, false))
+            .collect();
+        #[cfg(target_arch = "x86_64")]
+        if x86::avx512_ok() {
+            runs.push(("avx512 without bf16".into(), SimdLevel::Avx512, true));
+        }
+        for (level_name, lvl, plain) in runs {
+            if !lvl.is_supported() {
                 continue;
             }
+            let level = level_name;
             let n = src.len();
             let (mut h, mut b, mut back) = (vec![f16::ZERO; n], vec![bf16::ZERO; n], vec![0f32; n]);
-            dispatch(level, RoundTrip { src: &src, f16_out: &mut h, bf16_out: &mut b, back: &mut back });
+            let k = RoundTrip { src: &src, f16_out: &mut h, bf16_out: &mut b, back: &mut back };
+            if plain {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F, AVX2, FMA and F16C are present (checked above).
+                unsafe {
+                    x86::run_avx512(k)
+                };
+            } else {
+                dispatch(lvl, k);
+            }
             for i in 0..n {
                 let eh = f16::from_f32(src[i]);
                 let eb = bf16::from_f32(src[i]);
