@@ -131,20 +131,6 @@ impl<S: Simd> RunMoments<S> {
         }
     }
 
-    /// Add `ACC` runs of equal length at once, vector `i` of run `k` into accumulator `k`:
-    /// independent dependency chains even when runs are a few vectors long (7x7 planes).
-    #[inline(always)]
-    pub(crate) fn push_runs<T: Element>(&mut self, s: S, runs: [&[T]; ACC]) {
-        let l = S::LANES;
-        let len = runs[0].len();
-        debug_assert!(runs.iter().all(|r| r.len() == len));
-        let nv = len - len % l;
-        self.steps(s, nv / l, SideBySide { runs, at: 0 });
-        for r in runs {
-            self.push_tail(s, &r[nv..]);
-        }
-    }
-
     /// Add runs of one length `>= LANES`, `ACC` side by side (run `j * ACC + k` into
     /// accumulator `k`): each accumulator reads the concatenation of its runs, so every
     /// vector is whole; one that straddles two runs is the splice of the run's last vector
@@ -658,25 +644,16 @@ impl<T: Element> Kernel for RunMomentsKernel<'_, '_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Moments {
         let mut acc = RunMoments::new(s, self.shift);
-        // short runs of at least a vector: one stream of whole vectors; shorter ones: ACC
-        // runs side by side; long runs: ACC vectors of one run side by side
+        // runs of one to a few vectors: ACC spliced streams side by side; long runs: ACC
+        // vectors of one run side by side; runs shorter than a vector: value by value into
+        // the tail buffer (push_run does both of the latter)
         let len = self.runs.first().map_or(0, |r| r.len());
-        let short = len < 4 * ACC * S::LANES;
-        if short && len >= S::LANES {
+        if (S::LANES..4 * ACC * S::LANES).contains(&len) {
             acc.push_spliced_runs(s, self.runs);
-            return acc.finish(s);
-        }
-        let rest = if short {
-            let mut groups = self.runs.chunks_exact(ACC);
-            for g in &mut groups {
-                acc.push_runs(s, std::array::from_fn(|k| g[k]));
-            }
-            groups.remainder()
         } else {
-            self.runs
-        };
-        for r in rest {
-            acc.push_run(s, r);
+            for r in self.runs {
+                acc.push_run(s, r);
+            }
         }
         acc.finish(s)
     }

@@ -337,7 +337,7 @@ mod x86 {
     pub(crate) struct Avx2(());
 
     // SAFETY (for every `unsafe` block in the two impls below): a value of `Avx512`/`Avx2`
-    // exists only inside `run_avx512`/`run_avx2`, which `dispatch` calls after checking
+    // exists only inside `run_avx512`/`run_avx512_bf16`/`run_avx2`, which `dispatch` calls after checking
     // the CPU features those intrinsics need; every pointer access is preceded by a
     // bounds check of the slice against LANES.
     impl<const BF16: bool> Simd for Avx512<BF16> {
