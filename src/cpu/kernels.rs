@@ -1243,20 +1243,18 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
     fn run<S: Simd>(self, s: S) -> Vec<GradSums> {
         let c = self.mean.len();
         let (m_hi, m_lo): (Vec<f32>, Vec<f64>) = self.mean.iter().map(|&m| split_mean::<T>(m)).unzip();
-        let mut out = vec![GradSums::default(); c];
+        let mut tot = SumTotals { g: vec![0.0; c], gx: vec![0.0; c] };
         // whole vectors per row: register-blocked tiles over pairs of rows, as for the
         // moments; the odd last row (or any C) row by row
         let tiled = if c.is_multiple_of(S::LANES) { self.x.len() / (2 * c) * 2 * c } else { 0 };
         let part =
             |lo: usize, hi: usize| GradRun { dy: &self.dy[lo..hi], x: &self.x[lo..hi], y: self.y.map(|y| &y[lo..hi]) };
         if tiled > 0 {
-            grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut out);
+            grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut tot);
         }
-        grad_sums_rows(s, &part(tiled, self.x.len()), &m_hi, &mut out);
-        for (o, lo) in out.iter_mut().zip(m_lo) {
-            o.gx -= lo * o.g;
-        }
-        out
+        grad_sums_rows(s, &part(tiled, self.x.len()), &m_hi, &mut tot);
+        let sums = tot.g.iter().zip(&tot.gx).zip(m_lo);
+        sums.map(|((&g, &gx), lo)| GradSums { g, gx: gx - lo * g }).collect()
     }
 }
 
@@ -1264,7 +1262,7 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
 /// [`row_moments_tiled`]: per channel tile, two row sets of `sum g` and `sum g * xc`
 /// stay in registers across a sub-block of rows.
 #[inline(always)]
-fn grad_sums_tiled<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut [GradSums]) {
+fn grad_sums_tiled<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut SumTotals) {
     let c = mean.len();
     let l = S::LANES;
     let nv = c / l;
@@ -1298,15 +1296,23 @@ fn grad_sums_tiled<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32]
     fold_sums(&mut sg, &mut sgx, out);
 }
 
+/// f64 totals of the rows kernels' backward sums, one array per sum (the fold is then a
+/// plain loop over arrays that vectorizes with the kernel's instruction set).
+struct SumTotals {
+    g: Vec<f64>,
+    gx: Vec<f64>,
+}
+
 /// Add set-major f32 partial sums into the f64 totals and reset them.
-fn fold_sums(sg: &mut [f32], sgx: &mut [f32], out: &mut [GradSums]) {
-    let c = out.len();
+#[inline(always)]
+fn fold_sums(sg: &mut [f32], sgx: &mut [f32], out: &mut SumTotals) {
+    let c = out.g.len();
     for (a, b) in sg.chunks_exact_mut(c).zip(sgx.chunks_exact_mut(c)) {
-        for ((o, a), b) in out.iter_mut().zip(a.iter_mut()).zip(b.iter_mut()) {
-            o.g += *a as f64;
-            o.gx += *b as f64;
-            *a = 0.0;
-            *b = 0.0;
+        let (tg, tgx, a, b) = (&mut out.g[..c], &mut out.gx[..c], &mut a[..c], &mut b[..c]);
+        for j in 0..c {
+            tg[j] += a[j] as f64;
+            tgx[j] += b[j] as f64;
+            (a[j], b[j]) = (0.0, 0.0);
         }
     }
 }
@@ -1357,7 +1363,7 @@ fn sums_tile<S: Simd, T: Element, const W: usize>(
 
 /// Backward sums row by row, accumulators in memory (any C; the rows' tails run scalar).
 #[inline(always)]
-fn grad_sums_rows<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut [GradSums]) {
+fn grad_sums_rows<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut SumTotals) {
     let c = mean.len();
     let l = S::LANES;
     let cv = c - c % l;
