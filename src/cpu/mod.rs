@@ -144,9 +144,9 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
                 .into_par_iter()
                 .map(|task| {
                     let (ch, range) = split.task(task);
-                    let runs: Vec<&[T]> = range.map(|ni| &x[(ni * c + ch) * s..][..s]).collect();
+                    let runs = Runs { x, first: (range.start * c + ch) * s, stride: c * s, count: range.len(), len: s };
                     // every task of a channel shifts by the channel's first value
-                    dispatch(level, RunMomentsKernel { runs: &runs, shift: x[ch * s].to_f32() })
+                    dispatch(level, RunMomentsKernel { runs, shift: x[ch * s].to_f32() })
                 })
                 .collect();
             merge_moments(c, split.parts, &parts)
@@ -293,15 +293,11 @@ pub(crate) fn forward_training<T: Element>(
             .into_par_iter()
             .enumerate()
             .map(|(k, ys)| {
-                // one run list per group, refilled per channel (an allocation per channel
-                // was a few % of a 7x7 forward)
-                let mut runs: Vec<&[T]> = Vec::with_capacity(f.n);
                 let moments: Vec<Moments> = f
                     .channels(k)
                     .map(|ch| {
-                        runs.clear();
-                        runs.extend((0..f.n).map(|ni| f.run(x, ch, ni)));
-                        dispatch(level, RunMomentsKernel { runs: &runs, shift: runs[0][0].to_f32() })
+                        let runs = Runs { x, first: ch * f.s, stride: f.c * f.s, count: f.n, len: f.s };
+                        dispatch(level, RunMomentsKernel { runs, shift: x[ch * f.s].to_f32() })
                     })
                     .collect();
                 let maps: Vec<ChannelAffine> = f.channels(k).zip(&moments).map(|(ch, m)| affine(ch, m)).collect();
