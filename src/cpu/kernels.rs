@@ -138,7 +138,7 @@ impl<S: Simd> RunMoments<S> {
     /// straddle is found once per group of runs. Short runs (7x7, 14x14 planes) then take
     /// no per-value tails but the last group's; runs left over (fewer than `ACC`) go alone.
     #[inline(always)]
-    pub(crate) fn push_spliced_runs<T: Element>(&mut self, s: S, runs: Runs<'_, T>) {
+    pub(crate) fn push_spliced_runs<T: Element>(&mut self, s: S, x: &[T], runs: Runs) {
         let l = S::LANES;
         let len = runs.len;
         debug_assert!(len >= l);
@@ -146,7 +146,7 @@ impl<S: Simd> RunMoments<S> {
         // where the group's next vector starts: the previous straddle took the values before
         let mut at = 0;
         for gi in 0..groups {
-            let g = runs.group(gi);
+            let g = runs.group(x, gi);
             let whole = (len - at) / l;
             self.steps(s, whole, SideBySide { runs: g, at });
             let left = len - (at + whole * l);
@@ -156,7 +156,7 @@ impl<S: Simd> RunMoments<S> {
             }
             if gi + 1 < groups {
                 let mut v = [s.splat(0.0); ACC];
-                for ((v, r), h) in v.iter_mut().zip(g).zip(runs.group(gi + 1)) {
+                for ((v, r), h) in v.iter_mut().zip(g).zip(runs.group(x, gi + 1)) {
                     *v = s.splice(left, s.load(&r[len - l..]), s.load(h));
                 }
                 self.steps(s, 1, Ready(v));
@@ -168,7 +168,7 @@ impl<S: Simd> RunMoments<S> {
             }
         }
         for i in groups * ACC..runs.count {
-            self.push_run(s, runs.get(i));
+            self.push_run(s, runs.get(x, i));
         }
     }
 
@@ -689,35 +689,36 @@ fn row_moments_rows<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
     }
 }
 
-/// `count` runs of `len` values, run `i` at `x[first + i * stride..]`: the planes of a
-/// channels-first channel (stride `C * H * W`), described rather than listed (building a
-/// list of slices per channel was ~5 % of a 7x7 forward).
-#[derive(Clone, Copy)]
-pub(crate) struct Runs<'a, T> {
-    pub x: &'a [T],
+/// `count` runs of `len` values, run `i` at `buf[first + i * stride..]`: the planes of a
+/// channels-first channel (stride `C * H * W`) in any of the op's buffers, described rather
+/// than listed (building a list of slices per channel was ~5 % of a 7x7 forward).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Runs {
     pub first: usize,
     pub stride: usize,
     pub count: usize,
     pub len: usize,
 }
 
-impl<'a, T> Runs<'a, T> {
+impl Runs {
+    /// Run `i` of `buf`.
     #[inline(always)]
-    fn get(&self, i: usize) -> &'a [T] {
-        &self.x[self.first + i * self.stride..][..self.len]
+    pub(crate) fn get<'a, T>(&self, buf: &'a [T], i: usize) -> &'a [T] {
+        &buf[self.first + i * self.stride..][..self.len]
     }
 
-    /// Runs `ACC * gi ..` `ACC * (gi + 1)`.
+    /// Runs `ACC * gi ..` `ACC * (gi + 1)` of `buf`.
     #[inline(always)]
-    fn group(&self, gi: usize) -> [&'a [T]; ACC] {
+    fn group<'a, T>(&self, buf: &'a [T], gi: usize) -> [&'a [T]; ACC] {
         let b = gi * ACC;
-        [self.get(b), self.get(b + 1), self.get(b + 2), self.get(b + 3)]
+        [self.get(buf, b), self.get(buf, b + 1), self.get(buf, b + 2), self.get(buf, b + 3)]
     }
 }
 
-/// Kernel: moments of one channel given as its runs.
+/// Kernel: moments of one channel given as its runs of `x`.
 pub(crate) struct RunMomentsKernel<'a, T> {
-    pub runs: Runs<'a, T>,
+    pub x: &'a [T],
+    pub runs: Runs,
     pub shift: f32,
 }
 
@@ -729,12 +730,12 @@ impl<T: Element> Kernel for RunMomentsKernel<'_, T> {
         // runs of one to a few vectors: ACC spliced streams side by side; long runs: ACC
         // vectors of one run side by side; runs shorter than a vector: value by value into
         // the tail buffer (push_run does both of the latter)
-        let runs = self.runs;
+        let (x, runs) = (self.x, self.runs);
         if (S::LANES..4 * ACC * S::LANES).contains(&runs.len) {
-            acc.push_spliced_runs(s, runs);
+            acc.push_spliced_runs(s, x, runs);
         } else {
             for i in 0..runs.count {
-                acc.push_run(s, runs.get(i));
+                acc.push_run(s, runs.get(x, i));
             }
         }
         acc.finish(s)
@@ -1140,7 +1141,8 @@ impl GradSums {
     }
 }
 
-/// One run of the backward inputs of a channel.
+/// The backward inputs of a run, a slab, or whole buffers cut by [`Runs`].
+#[derive(Clone, Copy)]
 pub(crate) struct GradRun<'a, T> {
     pub dy: &'a [T],
     pub x: &'a [T],
@@ -1166,21 +1168,21 @@ fn split_mean<T: Element>(mean: f32) -> (f32, f64) {
     }
 }
 
-/// Kernel: backward sums of one channel given as runs.
-pub(crate) struct GradSumRuns<'a, 'b, T> {
-    pub runs: &'b [GradRun<'a, T>],
+/// Kernel: backward sums of one channel given as its runs of the inputs.
+pub(crate) struct GradSumRuns<'a, T> {
+    pub inp: GradRun<'a, T>,
+    pub runs: Runs,
     pub mean: f32,
 }
 
-impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
+impl<T: Element> Kernel for GradSumRuns<'_, T> {
     type Output = GradSums;
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> GradSums {
-        // every run of a channel has `y` or none has (ReLU fused or not)
-        if self.runs.first().is_some_and(|r| r.y.is_some()) {
-            grad_sums_runs::<S, T, true>(s, self.runs, self.mean)
+        if self.inp.y.is_some() {
+            grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, self.mean)
         } else {
-            grad_sums_runs::<S, T, false>(s, self.runs, self.mean)
+            grad_sums_runs::<S, T, false>(s, &self.inp, self.runs, self.mean)
         }
     }
 }
@@ -1190,7 +1192,12 @@ impl<T: Element> Kernel for GradSumRuns<'_, '_, T> {
 /// registers (an accumulator struct indexed in a loop with a branch stayed in memory, and
 /// each add waited on a store and a reload).
 #[inline(always)]
-fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(s: S, runs: &[GradRun<'_, T>], mean: f32) -> GradSums {
+fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
+    s: S,
+    inp: &GradRun<'_, T>,
+    runs: Runs,
+    mean: f32,
+) -> GradSums {
     let l = S::LANES;
     let z = s.splat(0.0);
     let (m_hi, m_lo) = split_mean::<T>(mean);
@@ -1198,10 +1205,13 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(s: S, runs: &[GradRun<'
     let (mut g, mut gx) = ([z; ACC], [z; ACC]);
     let mut steps = 0u32;
     let mut out = GradSums::default();
-    for r in runs {
-        let n = r.x.len();
-        let (dy, x) = (&r.dy[..n], &r.x[..n]);
-        let y = if RELU { r.y.map_or(dy, |y| &y[..n]) } else { dy };
+    let n = runs.len;
+    for i in 0..runs.count {
+        let (dy, x) = (runs.get(inp.dy, i), runs.get(inp.x, i));
+        let y = match inp.y {
+            Some(y) if RELU => runs.get(y, i),
+            _ => dy,
+        };
         // a plain function, not a closure: a closure can stay out of line and then call the
         // intrinsics without this function's target features (.ci/run checks for that)
         let term = grad_term::<S, T, RELU>;
@@ -1673,19 +1683,18 @@ mod tests {
         for lens in cases {
             // runs 3 values apart, starting 5 values in
             let (count, len) = (lens.len(), lens[0]);
-            let runs = Runs { x: &data[..], first: 5, stride: len + 3, count, len };
-            let half_runs = Runs { x: &halves[..], first: runs.first, stride: runs.stride, count, len };
-            let all: Vec<f64> = (0..count).flat_map(|i| runs.get(i).iter().map(|&v| v as f64)).collect();
+            let runs = Runs { first: 5, stride: len + 3, count, len };
+            let all: Vec<f64> = (0..count).flat_map(|i| runs.get(&data, i).iter().map(|&v| v as f64)).collect();
             let want = Moments::of(&all);
-            let half_all: Vec<f64> = (0..count).flat_map(|i| half_runs.get(i).iter().map(|v| v.to_f64())).collect();
+            let half_all: Vec<f64> = (0..count).flat_map(|i| runs.get(&halves, i).iter().map(|v| v.to_f64())).collect();
             let want_half = Moments::of(&half_all);
             for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
                 if !level.is_supported() {
                     continue;
                 }
                 for (got, want) in [
-                    (dispatch(level, RunMomentsKernel { runs, shift: data[5] }), want),
-                    (dispatch(level, RunMomentsKernel { runs: half_runs, shift: halves[5].to_f32() }), want_half),
+                    (dispatch(level, RunMomentsKernel { x: &data, runs, shift: data[5] }), want),
+                    (dispatch(level, RunMomentsKernel { x: &halves, runs, shift: halves[5].to_f32() }), want_half),
                 ] {
                     assert_eq!(got.count, want.count, "{level} {lens:?}");
                     assert!((got.mean - want.mean).abs() <= 1e-6 * want.mean.abs(), "{level} mean {got:?} {want:?}");

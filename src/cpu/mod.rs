@@ -144,9 +144,9 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
                 .into_par_iter()
                 .map(|task| {
                     let (ch, range) = split.task(task);
-                    let runs = Runs { x, first: (range.start * c + ch) * s, stride: c * s, count: range.len(), len: s };
+                    let runs = Runs { first: (range.start * c + ch) * s, stride: c * s, count: range.len(), len: s };
                     // every task of a channel shifts by the channel's first value
-                    dispatch(level, RunMomentsKernel { runs, shift: x[ch * s].to_f32() })
+                    dispatch(level, RunMomentsKernel { x, runs, shift: x[ch * s].to_f32() })
                 })
                 .collect();
             merge_moments(c, split.parts, &parts)
@@ -264,9 +264,9 @@ impl Fused {
         &buf[(ni * self.c + ch.start) * self.s..(ni * self.c + ch.end) * self.s]
     }
 
-    /// Run `ni` (sample `ni`) of channel `ch`.
-    fn run<'a, T>(&self, buf: &'a [T], ch: usize, ni: usize) -> &'a [T] {
-        &buf[(ni * self.c + ch) * self.s..][..self.s]
+    /// The runs (one per sample) of channel `ch`.
+    fn runs(&self, ch: usize) -> Runs {
+        Runs { first: ch * self.s, stride: self.c * self.s, count: self.n, len: self.s }
     }
 }
 
@@ -295,10 +295,7 @@ pub(crate) fn forward_training<T: Element>(
             .map(|(k, ys)| {
                 let moments: Vec<Moments> = f
                     .channels(k)
-                    .map(|ch| {
-                        let runs = Runs { x, first: ch * f.s, stride: f.c * f.s, count: f.n, len: f.s };
-                        dispatch(level, RunMomentsKernel { runs, shift: x[ch * f.s].to_f32() })
-                    })
+                    .map(|ch| dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32() }))
                     .collect();
                 let maps: Vec<ChannelAffine> = f.channels(k).zip(&moments).map(|(ch, m)| affine(ch, m)).collect();
                 let mut slabs: Vec<NormSlab<'_, T>> = ys
@@ -342,18 +339,10 @@ pub(crate) fn backward<T: Element>(
             .zip(dz_groups.par_iter_mut())
             .enumerate()
             .map(|(k, (dxs, dzs))| {
-                let mut runs: Vec<GradRun<'_, T>> = Vec::with_capacity(f.n);
+                let inp = GradRun { dy, x, y };
                 let sums: Vec<GradSums> = f
                     .channels(k)
-                    .map(|ch| {
-                        runs.clear();
-                        runs.extend((0..f.n).map(|ni| GradRun {
-                            dy: f.run(dy, ch, ni),
-                            x: f.run(x, ch, ni),
-                            y: y.map(|y| f.run(y, ch, ni)),
-                        }));
-                        dispatch(level, GradSumRuns { runs: &runs, mean: mean[ch] })
-                    })
+                    .map(|ch| dispatch(level, GradSumRuns { inp, runs: f.runs(ch), mean: mean[ch] }))
                     .collect();
                 let maps: Vec<GradMap> = f.channels(k).zip(&sums).map(|(ch, g)| grad(ch, g)).collect();
                 let mut dzs = dzs.take().map(|v| v.into_iter());
@@ -439,13 +428,8 @@ pub(crate) fn grad_sums<T: Element>(
                 .into_par_iter()
                 .map(|task| {
                     let (ch, range) = split.task(task);
-                    let runs: Vec<GradRun<'_, T>> = range
-                        .map(|ni| {
-                            let o = (ni * c + ch) * s;
-                            GradRun { dy: &dy[o..][..s], x: &x[o..][..s], y: y.map(|y| &y[o..][..s]) }
-                        })
-                        .collect();
-                    dispatch(level, GradSumRuns { runs: &runs, mean: mean[ch] })
+                    let runs = Runs { first: (range.start * c + ch) * s, stride: c * s, count: range.len(), len: s };
+                    dispatch(level, GradSumRuns { inp: GradRun { dy, x, y }, runs, mean: mean[ch] })
                 })
                 .collect();
             (0..c)
