@@ -701,6 +701,12 @@ pub(crate) struct Runs {
 }
 
 impl Runs {
+    /// The planes of channel `ch` in samples `samples` of a channels-first `[N][C][S]`
+    /// buffer with `c` channels of `s` values.
+    pub(crate) fn planes(c: usize, s: usize, ch: usize, samples: std::ops::Range<usize>) -> Runs {
+        Runs { first: (samples.start * c + ch) * s, stride: c * s, count: samples.len(), len: s }
+    }
+
     /// Run `i` of `buf`.
     #[inline(always)]
     pub(crate) fn get<'a, T>(&self, buf: &'a [T], i: usize) -> &'a [T] {

@@ -144,7 +144,7 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
                 .into_par_iter()
                 .map(|task| {
                     let (ch, range) = split.task(task);
-                    let runs = Runs { first: (range.start * c + ch) * s, stride: c * s, count: range.len(), len: s };
+                    let runs = Runs::planes(c, s, ch, range);
                     // every task of a channel shifts by the channel's first value
                     dispatch(level, RunMomentsKernel { x, runs, shift: x[ch * s].to_f32() })
                 })
@@ -266,7 +266,7 @@ impl Fused {
 
     /// The runs (one per sample) of channel `ch`.
     fn runs(&self, ch: usize) -> Runs {
-        Runs { first: ch * self.s, stride: self.c * self.s, count: self.n, len: self.s }
+        Runs::planes(self.c, self.s, ch, 0..self.n)
     }
 }
 
@@ -428,7 +428,7 @@ pub(crate) fn grad_sums<T: Element>(
                 .into_par_iter()
                 .map(|task| {
                     let (ch, range) = split.task(task);
-                    let runs = Runs { first: (range.start * c + ch) * s, stride: c * s, count: range.len(), len: s };
+                    let runs = Runs::planes(c, s, ch, range);
                     dispatch(level, GradSumRuns { inp: GradRun { dy, x, y }, runs, mean: mean[ch] })
                 })
                 .collect();
