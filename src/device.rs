@@ -190,7 +190,7 @@ impl Device {
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.backend {
-            Backend::Cpu(c) => write!(f, "cpu ({} threads, {})", c.threads(), c.simd()),
+            Backend::Cpu(c) => write!(f, "cpu ({} threads, {}, {} stores)", c.threads(), c.simd(), c.stores()),
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => f.write_str(&d.describe()),
         }

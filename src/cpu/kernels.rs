@@ -489,7 +489,17 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
 /// (`< LANES`; 0 when `x` is aligned, or cannot be).
 #[inline(always)]
 fn lead_to_vector_boundary<S: Simd, T>(x: &[T]) -> usize {
-    let (size, width) = (std::mem::size_of::<T>(), S::LANES * std::mem::size_of::<T>());
+    lead_to_boundary(x, S::LANES * std::mem::size_of::<T>())
+}
+
+/// Cache line bytes.
+const LINE: usize = 64;
+
+/// Elements before the first one of `x` at a multiple of `width` bytes (`< width / size`;
+/// 0 when `x` is aligned, or cannot be).
+#[inline(always)]
+fn lead_to_boundary<T>(x: &[T], width: usize) -> usize {
+    let size = std::mem::size_of::<T>();
     let misalign = x.as_ptr() as usize % width;
     if misalign == 0 || !misalign.is_multiple_of(size) {
         0
@@ -775,20 +785,26 @@ pub(crate) struct NormalizeSlabs<'a, 'b, T> {
     /// one map per channel
     pub maps: &'b [ChannelAffine],
     pub relu: bool,
+    /// write the output with non-temporal stores (see `CpuDevice::streams`)
+    pub stream: bool,
 }
 
 impl<T: Element> Kernel for NormalizeSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
+        let (run, maps, stream) = (self.run, self.maps, self.stream);
         for sl in self.slabs.iter_mut() {
             let z = sl.z;
             match (z, self.relu) {
-                (None, false) => norm_slab::<S, T, false, false>(s, sl, sl.x, self.run, self.maps),
-                (None, true) => norm_slab::<S, T, false, true>(s, sl, sl.x, self.run, self.maps),
-                (Some(z), false) => norm_slab::<S, T, true, false>(s, sl, z, self.run, self.maps),
-                (Some(z), true) => norm_slab::<S, T, true, true>(s, sl, z, self.run, self.maps),
+                (None, false) => norm_slab::<S, T, false, false>(s, sl, sl.x, run, maps, stream),
+                (None, true) => norm_slab::<S, T, false, true>(s, sl, sl.x, run, maps, stream),
+                (Some(z), false) => norm_slab::<S, T, true, false>(s, sl, z, run, maps, stream),
+                (Some(z), true) => norm_slab::<S, T, true, true>(s, sl, z, run, maps, stream),
             }
+        }
+        if stream {
+            s.fence();
         }
     }
 }
@@ -864,18 +880,20 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     z: &[T],
     run: usize,
     maps: &[ChannelAffine],
+    stream: bool,
 ) {
     let c = maps.len();
     let map_of = |r: usize| maps[channel_of(sl.first + r, c)];
     if run < S::LANES {
         for (r, (x, y)) in sl.x.chunks(run).zip(sl.y.chunks_mut(run)).enumerate() {
-            norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r));
+            norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r), stream);
         }
         return;
     }
     let (x, y) = (sl.x, &mut *sl.y);
     let n = y.len();
-    if std::mem::size_of::<T>() == 2 && run < SHORT_RUN_VECTORS * S::LANES && n % run == 0 {
+    // (run by run, the stores are not aligned: not when streaming)
+    if !stream && std::mem::size_of::<T>() == 2 && run < SHORT_RUN_VECTORS * S::LANES && n % run == 0 {
         let l = S::LANES;
         let mut ch = sl.first % c;
         let mut at = 0;
@@ -886,7 +904,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
             let z = if ADD { &z[at..at + run] } else { z };
             let mut p = 0;
             loop {
-                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift));
+                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), false);
                 if p + l == run {
                     break;
                 }
@@ -903,7 +921,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         [m.mean, m.scale, m.shift]
     };
     walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, scale, shift]| {
-        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift));
+        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), stream);
     });
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
@@ -918,7 +936,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     }
 }
 
-/// The vector at `p`: `y = act((x - mean) * scale + shift + z)`.
+/// The vector at `p`: `y = act((x - mean) * scale + shift + z)` (streamed: see [`Simd::put`]).
 #[inline(always)]
 fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
@@ -927,6 +945,7 @@ fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     y: &mut [T],
     p: usize,
     (mean, scale, shift): (S::V, S::V, S::V),
+    stream: bool,
 ) {
     let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
     if ADD {
@@ -935,7 +954,7 @@ fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     if RELU {
         v = s.relu(v);
     }
-    s.store(&mut y[p..], v);
+    s.put(&mut y[p..], v, stream);
 }
 
 #[inline(always)]
@@ -945,13 +964,14 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     z: &[T],
     y: &mut [T],
     m: ChannelAffine,
+    stream: bool,
 ) {
     let l = S::LANES;
     let n = x.len();
     let (lo, hi) = vector_span::<S, T>(y, n);
     let (mean, scale, shift) = (s.splat(m.mean), s.splat(m.scale), s.splat(m.shift));
     for i in (lo..hi).step_by(l) {
-        norm_vec::<S, T, ADD, RELU>(s, x, z, y, i, (mean, scale, shift));
+        norm_vec::<S, T, ADD, RELU>(s, x, z, y, i, (mean, scale, shift), stream);
     }
     for i in (0..lo).chain(hi..n) {
         let mut v = (x[i].to_f32() - m.mean).mul_add(m.scale, m.shift);
@@ -996,17 +1016,23 @@ pub(crate) struct NormalizeRows<'a, T> {
     pub scale: &'a [f32],
     pub shift: &'a [f32],
     pub relu: bool,
+    /// write the output with non-temporal stores (see `CpuDevice::streams`)
+    pub stream: bool,
 }
 
 impl<T: Element> Kernel for NormalizeRows<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
+        let stream = self.stream;
         match (self.z, self.relu) {
             (None, false) => norm_rows::<S, T, false, false>(s, self.x, self.x, self),
             (None, true) => norm_rows::<S, T, false, true>(s, self.x, self.x, self),
             (Some(z), false) => norm_rows::<S, T, true, false>(s, self.x, z, self),
             (Some(z), true) => norm_rows::<S, T, true, true>(s, self.x, z, self),
+        }
+        if stream {
+            s.fence();
         }
     }
 }
@@ -1016,40 +1042,67 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
     let c = k.c;
     let l = S::LANES;
     let n = x.len();
-    if c.is_multiple_of(l) {
-        // whole vectors per row: channel tiles whose parameters stay in registers over a
-        // sub-block of rows (one load and one store per vector instead of four and one)
-        let rows = block_rows::<T>(c);
-        let max_w = if S::REGS >= 32 { 8 } else { 4 };
-        let params = (k.mean, k.scale, k.shift);
-        for lo in (0..n).step_by(rows * c) {
-            let hi = (lo + rows * c).min(n);
-            let mut t = 0;
-            while t < c / l {
-                let w = (c / l - t).min(max_w);
-                let (col, y) = (t * l, &mut k.y[lo..hi]);
-                let (x, z) = (&x[lo..hi], &z[lo.min(z.len())..hi.min(z.len())]);
-                match w {
-                    8 => norm_tile::<S, T, ADD, RELU, 8>(s, x, z, y, c, col, params),
-                    4..=7 => norm_tile::<S, T, ADD, RELU, 4>(s, x, z, y, c, col, params),
-                    2 | 3 => norm_tile::<S, T, ADD, RELU, 2>(s, x, z, y, c, col, params),
-                    _ => norm_tile::<S, T, ADD, RELU, 1>(s, x, z, y, c, col, params),
-                }
-                t += match w {
-                    8 => 8,
-                    4..=7 => 4,
-                    2 | 3 => 2,
-                    _ => 1,
-                };
-            }
-        }
-        return;
+    let (stream, params) = (k.stream, (k.mean, k.scale, k.shift));
+    // Streamed, a cache line must be written whole before its write-combining buffer is
+    // let go (a partial line costs a read-modify-write in memory: 5x slower measured),
+    // and the tiles write a row's lines in tile order: only when a row is whole lines.
+    if !c.is_multiple_of(l) || (stream && !(c * std::mem::size_of::<T>()).is_multiple_of(LINE)) {
+        return norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (0, n, stream));
     }
-    // The block is one flat stream whose element p belongs to channel p % c; the vectors
-    // take their per-channel parameters from arrays extended periodically past c, so a
-    // vector may straddle two rows and any C (3, 17, 64) vectorizes.
-    let (mean, scale, shift) = (k.mean, k.scale, k.shift);
-    let (lo, hi) = vector_span::<S, T>(k.y, n);
+    // Whole vectors per row: channel tiles whose parameters stay in registers over a
+    // sub-block of rows (one load and one store per vector instead of four and one).
+    // Streamed, the tiles start at the first element `o` on a cache line (tiles are whole
+    // lines wide, see above): a tile row covers the last c - o channels of one row and the
+    // first o of the next (parameters from the periodic arrays at o), and the o values
+    // before and the c - o after run flat.
+    let o = if stream { lead_to_boundary(k.y, LINE) } else { 0 };
+    let body = if o == 0 { n } else { (n / c).saturating_sub(1) * c };
+    let rows = block_rows::<T>(c);
+    let max_w = if S::REGS >= 32 { 8 } else { 4 };
+    let shifted = (&params.0[o..], &params.1[o..], &params.2[o..]);
+    for lo in (o..o + body).step_by(rows * c) {
+        let hi = (lo + rows * c).min(o + body);
+        let mut t = 0;
+        while t < c / l {
+            let w = (c / l - t).min(max_w);
+            let (col, y) = (t * l, &mut k.y[lo..hi]);
+            let (x, z) = (&x[lo..hi], &z[lo.min(z.len())..hi.min(z.len())]);
+            let at = (c, col, stream);
+            match w {
+                8 => norm_tile::<S, T, ADD, RELU, 8>(s, x, z, y, at, shifted),
+                4..=7 => norm_tile::<S, T, ADD, RELU, 4>(s, x, z, y, at, shifted),
+                2 | 3 => norm_tile::<S, T, ADD, RELU, 2>(s, x, z, y, at, shifted),
+                _ => norm_tile::<S, T, ADD, RELU, 1>(s, x, z, y, at, shifted),
+            }
+            t += match w {
+                8 => 8,
+                4..=7 => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+        }
+    }
+    if o > 0 {
+        norm_flat::<S, T, ADD, RELU>(s, (x, z, &mut *k.y), c, params, (0, o, stream));
+        norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (o + body, n, stream));
+    }
+}
+
+/// `[start, end)` of a block of rows as one flat stream whose element p belongs to channel
+/// p % c: the vectors take their per-channel parameters from arrays extended periodically
+/// past c, so a vector may straddle two rows and any C (3, 17, 64) vectorizes; the vector
+/// loop is aligned ([`vector_span`]), the rest runs scalar.
+#[inline(always)]
+fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    (x, z, y): (&[T], &[T], &mut [T]),
+    c: usize,
+    (mean, scale, shift): (&[f32], &[f32], &[f32]),
+    (start, end, stream): (usize, usize, bool),
+) {
+    let l = S::LANES;
+    let (a, b) = vector_span::<S, T>(&y[start..end], end - start);
+    let (lo, hi) = (start + a, start + b);
     let mut j = lo % c;
     for p in (lo..hi).step_by(l) {
         let mut v =
@@ -1060,32 +1113,32 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
         if RELU {
             v = s.relu(v);
         }
-        s.store(&mut k.y[p..], v);
+        s.put(&mut y[p..], v, stream);
         j = next_phase(j, l, c);
     }
-    for p in (0..lo).chain(hi..n) {
+    for p in (start..lo).chain(hi..end) {
         let j = p % c;
-        let mut v = (x[p].to_f32() - k.mean[j]).mul_add(k.scale[j], k.shift[j]);
+        let mut v = (x[p].to_f32() - mean[j]).mul_add(scale[j], shift[j]);
         if ADD {
             v += z[p].to_f32();
         }
         if RELU && v < 0.0 {
             v = 0.0;
         }
-        k.y[p] = T::from_f32_rounded(v);
+        y[p] = T::from_f32_rounded(v);
     }
 }
 
-/// One tile of `W` vectors at channel `col` over a sub-block of rows (`y`, `x`, `z` cut to
-/// the sub-block; the per-channel mean, scale and shift).
+/// One tile of `W` vectors at channel `col` over a sub-block of rows of `c` channels (`y`,
+/// `x`, `z` cut to the sub-block; the per-channel mean, scale and shift; `stream`: see
+/// [`Simd::put`]).
 #[inline(always)]
 fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: usize>(
     s: S,
     x: &[T],
     z: &[T],
     y: &mut [T],
-    c: usize,
-    col: usize,
+    (c, col, stream): (usize, usize, bool),
     (mean, scale, shift): (&[f32], &[f32], &[f32]),
 ) {
     let l = S::LANES;
@@ -1099,7 +1152,7 @@ fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: us
     for r in (0..x.len()).step_by(c) {
         for i in 0..W {
             let o = r + col + i * l;
-            norm_vec::<S, T, ADD, RELU>(s, x, z, y, o, (m[i], sc[i], sh[i]));
+            norm_vec::<S, T, ADD, RELU>(s, x, z, y, o, (m[i], sc[i], sh[i]), stream);
         }
     }
 }
@@ -1107,12 +1160,17 @@ fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: us
 /// The most f32 lanes of any SIMD level.
 const MAX_LANES: usize = 16;
 
-/// `v` repeated until it is `v.len() + MAX_LANES` long: `out[j..j + lanes]` holds the
-/// values of channels `j, j + 1, ...` (mod C) for any phase `j < C`. Built once per op.
+/// How far [`periodic`] arrays run past C: a vector at any phase below C plus a cache
+/// line of 2-byte elements (the streamed rows tiles start up to that far in).
+const PERIODIC_EXTRA: usize = MAX_LANES + LINE / 2;
+
+/// `v` repeated until it is `v.len() + PERIODIC_EXTRA` long: `out[j..j + lanes]` holds the
+/// values of channels `j, j + 1, ...` (mod C) for any phase `j < C + LINE / 2`. Built once
+/// per op.
 pub(crate) fn periodic(v: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(v.len() + MAX_LANES);
-    while out.len() < v.len() + MAX_LANES {
-        let take = (v.len() + MAX_LANES - out.len()).min(v.len());
+    let mut out = Vec::with_capacity(v.len() + PERIODIC_EXTRA);
+    while out.len() < v.len() + PERIODIC_EXTRA {
+        let take = (v.len() + PERIODIC_EXTRA - out.len()).min(v.len());
         out.extend_from_slice(&v[..take]);
     }
     out
@@ -1512,20 +1570,25 @@ pub(crate) struct GradSlabs<'a, 'b, T> {
     pub run: usize,
     /// one map per channel
     pub maps: &'b [GradMap],
+    /// write the output with non-temporal stores (see `CpuDevice::streams`)
+    pub stream: bool,
 }
 
 impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let (run, maps) = (self.run, self.maps);
+        let (run, maps, stream) = (self.run, self.maps, self.stream);
         for sl in self.slabs.iter_mut() {
             match (sl.inp.y.is_some(), sl.dz.is_some()) {
-                (false, false) => grad_slab::<S, T, false, false>(s, sl, run, maps),
-                (false, true) => grad_slab::<S, T, false, true>(s, sl, run, maps),
-                (true, false) => grad_slab::<S, T, true, false>(s, sl, run, maps),
-                (true, true) => grad_slab::<S, T, true, true>(s, sl, run, maps),
+                (false, false) => grad_slab::<S, T, false, false>(s, sl, run, maps, stream),
+                (false, true) => grad_slab::<S, T, false, true>(s, sl, run, maps, stream),
+                (true, false) => grad_slab::<S, T, true, false>(s, sl, run, maps, stream),
+                (true, true) => grad_slab::<S, T, true, true>(s, sl, run, maps, stream),
             }
+        }
+        if stream {
+            s.fence();
         }
     }
 }
@@ -1538,6 +1601,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     sl: &mut GradSlab<'_, T>,
     run: usize,
     maps: &[GradMap],
+    stream: bool,
 ) {
     let c = maps.len();
     let map_of = |p: usize| maps[channel_of(sl.first + p / run, c)];
@@ -1546,7 +1610,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
         // runs shorter than a vector: run by run (grad_span vectorizes within a run)
         for r in 0..n / run {
             let m = map_of(r * run);
-            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), r * run, (r + 1) * run, |_| m);
+            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (r * run, (r + 1) * run, stream), |_| m);
         }
         return;
     }
@@ -1564,14 +1628,14 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
         let d = s.load(&dy[p..]);
         let g = if RELU { s.where_positive(s.load(&y[p..]), d) } else { d };
         let v = s.mul(a, s.fma(k, s.sub(s.load(&x[p..]), mean), s.sub(g, gmean)));
-        s.store(&mut dx[p..], v);
+        s.put(&mut dx[p..], v, stream);
         if DZ {
-            s.store(&mut dz[p..], g);
+            s.put(&mut dz[p..], g, stream);
         }
     });
     // heads and tails shorter than a vector: grad_span runs them scalar
-    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), 0, lo, map_of);
-    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), hi, n, map_of);
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream), map_of);
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream), map_of);
 }
 
 /// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
@@ -1583,8 +1647,7 @@ fn grad_span<S: Simd, T: Element>(
     inp: &GradRun<'_, T>,
     dx: &mut [T],
     mut dz: Option<&mut [T]>,
-    start: usize,
-    end: usize,
+    (start, end, stream): (usize, usize, bool),
     map_of: impl Fn(usize) -> GradMap,
 ) {
     let l = S::LANES;
@@ -1600,9 +1663,9 @@ fn grad_span<S: Simd, T: Element>(
                 None => dy,
             };
             let v = s.mul(a, s.fma(k, s.sub(s.load(&inp.x[i..]), mean), s.sub(g, gmean)));
-            s.store(&mut dx[i..], v);
+            s.put(&mut dx[i..], v, stream);
             if let Some(dz) = dz.as_deref_mut() {
-                s.store(&mut dz[i..], g);
+                s.put(&mut dz[i..], g, stream);
             }
         }
     }
@@ -1631,6 +1694,8 @@ pub(crate) struct GradRows<'a, T> {
     pub a: &'a [f32],
     pub gmean: &'a [f32],
     pub k: &'a [f32],
+    /// write the output with non-temporal stores (see `CpuDevice::streams`)
+    pub stream: bool,
 }
 
 impl<T: Element> Kernel for GradRows<'_, T> {
@@ -1653,9 +1718,9 @@ impl<T: Element> Kernel for GradRows<'_, T> {
             };
             let xc = s.sub(s.load(&self.inp.x[p..]), s.load_f32(&mean[j..]));
             let v = s.mul(s.load_f32(&a[j..]), s.fma(s.load_f32(&k[j..]), xc, s.sub(g, s.load_f32(&gmean[j..]))));
-            s.store(&mut self.dx[p..], v);
+            s.put(&mut self.dx[p..], v, self.stream);
             if let Some(dz) = dz.as_deref_mut() {
-                s.store(&mut dz[p..], g);
+                s.put(&mut dz[p..], g, self.stream);
             }
             j = next_phase(j, l, c);
         }
@@ -1664,8 +1729,12 @@ impl<T: Element> Kernel for GradRows<'_, T> {
             GradMap { mean: self.mean[j], a: self.a[j], gmean: self.gmean[j], k: self.k[j] }
         };
         // spans shorter than a vector: grad_span runs them scalar
-        grad_span(s, &self.inp, &mut *self.dx, dz.as_deref_mut(), 0, lo, map);
-        grad_span(s, &self.inp, self.dx, dz, hi, n, map);
+        let stream = self.stream;
+        grad_span(s, &self.inp, &mut *self.dx, dz.as_deref_mut(), (0, lo, stream), map);
+        grad_span(s, &self.inp, self.dx, dz, (hi, n, stream), map);
+        if stream {
+            s.fence();
+        }
     }
 }
 

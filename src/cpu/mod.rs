@@ -33,13 +33,75 @@ use std::sync::Arc;
 pub struct CpuDevice {
     pool: Option<Arc<rayon::ThreadPool>>,
     simd: SimdLevel,
+    stores: Stores,
 }
 
 impl std::fmt::Debug for CpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuDevice").field("threads", &self.threads()).field("simd", &self.simd).finish()
+        f.debug_struct("CpuDevice")
+            .field("threads", &self.threads())
+            .field("simd", &self.simd)
+            .field("stores", &self.stores)
+            .finish()
     }
 }
+
+/// How the CPU ops write their outputs (`y`; `dx` and `dz`): through the caches, or with
+/// non-temporal ("streaming") stores, which write whole cache lines to memory without
+/// first reading them in and without evicting other data.
+///
+/// A plain store reads each output line from memory before overwriting it, so a pass over
+/// an output that does not stay in the caches moves three bytes for every two a copy
+/// moves. Streaming skips that read but leaves the output in memory, not in the cache,
+/// where the next layer would have found it had it fit.
+///
+/// ```
+/// use bnorm::cpu::{CpuDevice, Stores};
+/// assert_eq!(CpuDevice::new().stores(), Stores::Auto);
+/// let cpu = CpuDevice::new().with_stores(Stores::Cached);
+/// assert!(!cpu.streams(1 << 30));
+/// assert!(CpuDevice::new().with_stores(Stores::Streaming).streams(64));
+/// assert_eq!("cached".parse::<Stores>(), Ok(Stores::Cached));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Stores {
+    /// Stream outputs of at least four times the L2 of the threads that write them
+    /// ([`CpuDevice::streams`]); cached below. Measured on the 2-core AVX-512 machine of
+    /// docs/BENCHMARKS.md, a normalize pass plus a pass that reads its output, streamed
+    /// against cached: 1.09-1.19x the time at 6.4 MB of f32 output (too small), 0.87-0.98x
+    /// at 12.8 MB, 0.77-0.80x at 25.7 MB and above.
+    #[default]
+    Auto,
+    /// Always through the caches.
+    Cached,
+    /// Always streaming (vectors aligned to their width; heads and tails are cached).
+    Streaming,
+}
+
+impl std::fmt::Display for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stores::Auto => "auto",
+            Stores::Cached => "cached",
+            Stores::Streaming => "streaming",
+        })
+    }
+}
+
+impl std::str::FromStr for Stores {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Stores::Auto),
+            "cached" => Ok(Stores::Cached),
+            "streaming" | "stream" => Ok(Stores::Streaming),
+            _ => Err(format!("unknown store policy `{s}` (expected auto, cached or streaming)")),
+        }
+    }
+}
+
+/// [`Stores::Auto`] streams an output of at least this many times the threads' L2.
+const STREAM_L2_MULTIPLE: usize = 4;
 
 impl Default for CpuDevice {
     fn default() -> Self {
@@ -48,9 +110,11 @@ impl Default for CpuDevice {
 }
 
 impl CpuDevice {
-    /// rayon's global pool and the best SIMD level of this CPU; the environment variable
-    /// `BNORM_CPU_SIMD=scalar|avx2|avx512` lowers the level (an unsupported or unknown
-    /// value is ignored here; use [`CpuDevice::with_simd`] to get an error instead).
+    /// rayon's global pool, the best SIMD level of this CPU and [`Stores::Auto`]; the
+    /// environment variable `BNORM_CPU_SIMD=scalar|avx2|avx512` lowers the level and
+    /// `BNORM_CPU_STORES=auto|cached|streaming` sets the store policy (an unsupported or
+    /// unknown value is ignored here; use [`CpuDevice::with_simd`] and
+    /// [`CpuDevice::with_stores`] instead).
     pub fn new() -> CpuDevice {
         let best = SimdLevel::detect();
         let simd = std::env::var("BNORM_CPU_SIMD")
@@ -58,7 +122,30 @@ impl CpuDevice {
             .and_then(|v| v.parse::<SimdLevel>().ok())
             .filter(|l| l.is_supported())
             .unwrap_or(best);
-        CpuDevice { pool: None, simd }
+        let stores = std::env::var("BNORM_CPU_STORES").ok().and_then(|v| v.parse::<Stores>().ok()).unwrap_or_default();
+        CpuDevice { pool: None, simd, stores }
+    }
+
+    /// Write outputs as `stores` says (see [`Stores`]).
+    pub fn with_stores(mut self, stores: Stores) -> CpuDevice {
+        self.stores = stores;
+        self
+    }
+
+    /// The store policy.
+    pub fn stores(&self) -> Stores {
+        self.stores
+    }
+
+    /// Whether an op whose outputs take `bytes` bytes writes them with streaming stores:
+    /// under [`Stores::Auto`], when `bytes` is at least 4 times the L2 of the threads (each
+    /// thread's share then is four times its core's L2).
+    pub fn streams(&self, bytes: usize) -> bool {
+        match self.stores {
+            Stores::Cached => false,
+            Stores::Streaming => true,
+            Stores::Auto => bytes >= STREAM_L2_MULTIPLE * l2_bytes() * self.threads(),
+        }
     }
 
     /// Use a dedicated pool of `threads` threads.
@@ -287,6 +374,7 @@ pub(crate) fn forward_training<T: Element>(
     };
     let level = dev.simd;
     let Forward { x, z, y, relu } = a;
+    let stream = dev.streams(std::mem::size_of_val(y));
     let groups = f.slabs(y);
     let per_group: Vec<Vec<Moments>> = dev.install(|| {
         groups
@@ -303,7 +391,7 @@ pub(crate) fn forward_training<T: Element>(
                     .enumerate()
                     .map(|(ni, y)| NormSlab { x: f.slab(x, k, ni), z: z.map(|z| f.slab(z, k, ni)), y, first: 0 })
                     .collect();
-                dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu });
+                dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu, stream });
                 moments
             })
             .collect()
@@ -328,6 +416,7 @@ pub(crate) fn backward<T: Element>(
     };
     let level = dev.simd;
     let Backward { x, y, dy, dx, dz } = a;
+    let stream = dev.streams(output_bytes(dx, dz.as_deref()));
     let dx_groups = f.slabs(dx);
     let mut dz_groups: Vec<Option<Vec<&mut [T]>>> = match dz {
         Some(dz) => f.slabs(dz).into_iter().map(Some).collect(),
@@ -356,7 +445,7 @@ pub(crate) fn backward<T: Element>(
                         first: 0,
                     })
                     .collect();
-                dispatch(level, GradSlabs { slabs: &mut slabs, run: f.s, maps: &maps });
+                dispatch(level, GradSlabs { slabs: &mut slabs, run: f.s, maps: &maps, stream });
                 sums
             })
             .collect()
@@ -371,6 +460,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
     let level = dev.simd;
     let threads = dev.threads();
     let Forward { x, z, y, relu } = a;
+    let stream = dev.streams(std::mem::size_of_val(y));
     dev.install(|| match shape.pattern() {
         Pattern::Planes { s, .. } => {
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
@@ -379,7 +469,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
             y.par_chunks_mut(chunk).enumerate().for_each(|(t, y)| {
                 let (lo, hi) = (t * chunk, t * chunk + y.len());
                 let mut slab = [NormSlab { x: &x[lo..hi], z: z.map(|z| &z[lo..hi]), y, first: t * runs_per }];
-                dispatch(level, NormalizeSlabs { slabs: &mut slab, run: s, maps, relu });
+                dispatch(level, NormalizeSlabs { slabs: &mut slab, run: s, maps, relu, stream });
             });
         }
         Pattern::Rows { rows, c } => {
@@ -401,6 +491,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
                         scale: &scale,
                         shift: &shift,
                         relu,
+                        stream,
                     },
                 );
             });
@@ -409,6 +500,11 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
 }
 
 // ---------------------------------------------------------------- backward
+
+/// Bytes the backward writes: `dx`, and `dz` when asked.
+fn output_bytes<T>(dx: &[T], dz: Option<&[T]>) -> usize {
+    std::mem::size_of_val(dx) + dz.map_or(0, std::mem::size_of_val)
+}
 
 /// Per-channel `sum g` and `sum g * (x - mean)`, `g` gated by ReLU when `y` is given.
 pub(crate) fn grad_sums<T: Element>(
@@ -461,6 +557,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     let level = dev.simd;
     let threads = dev.threads();
     let Backward { x, y, dy, dx, dz } = a;
+    let stream = dev.streams(output_bytes(dx, dz.as_deref()));
     dev.install(|| match shape.pattern() {
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
@@ -473,7 +570,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
                 let (lo, hi) = (t * chunk, t * chunk + dx.len());
                 let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
                 let mut slab = [GradSlab { inp, dx, dz: dz.take(), first: t * runs_per }];
-                dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps });
+                dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps, stream });
             });
         }
         Pattern::Rows { rows, c } => {
@@ -501,6 +598,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
                         a: &ca,
                         gmean: &gmean,
                         k: &k,
+                        stream,
                     },
                 );
             });
@@ -525,5 +623,21 @@ mod tests {
         assert_eq!(e, Error::SimdUnsupported { requested: "avx2".into(), available: "scalar".into() });
         let ok = dev.with_simd_within(SimdLevel::Avx2, SimdLevel::Avx512).unwrap();
         assert_eq!(ok.simd(), SimdLevel::Avx2);
+    }
+
+    /// `Stores::Auto` streams from four times the threads' L2 up, not below; the policy
+    /// parses from its names and refuses others.
+    #[test]
+    fn auto_stores_stream_from_four_l2s_per_thread() {
+        let dev = CpuDevice::new().with_threads(2).unwrap().with_stores(Stores::Auto);
+        let at = 4 * l2_bytes() * 2;
+        assert!(!dev.streams(at - 1));
+        assert!(dev.streams(at));
+        let one = CpuDevice::new().with_threads(1).unwrap().with_stores(Stores::Auto);
+        assert!(one.streams(at / 2));
+        for p in [Stores::Auto, Stores::Cached, Stores::Streaming] {
+            assert_eq!(p.to_string().parse::<Stores>(), Ok(p));
+        }
+        assert!("nt".parse::<Stores>().unwrap_err().contains("expected auto, cached or streaming"));
     }
 }

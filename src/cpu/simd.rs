@@ -118,6 +118,15 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn store_f16(self, dst: &mut [half::f16], v: Self::V);
     fn load_bf16(self, src: &[half::bf16]) -> Self::V;
     fn store_bf16(self, dst: &mut [half::bf16], v: Self::V);
+    /// Non-temporal stores (written around the caches). `dst` must start on a multiple of
+    /// the vector's byte width (`LANES * size_of::<T>()`; checked). Use [`put`](Simd::put).
+    fn stream_f32(self, dst: &mut [f32], v: Self::V);
+    fn stream_f16(self, dst: &mut [half::f16], v: Self::V);
+    fn stream_bf16(self, dst: &mut [half::bf16], v: Self::V);
+    /// Order the non-temporal stores of this thread before its later stores (`sfence`):
+    /// a kernel that streamed calls it before it returns, so the thread that joins it reads
+    /// the data.
+    fn fence(self);
 
     /// Load `LANES` elements of any activation type, widened to f32.
     #[inline(always)]
@@ -136,6 +145,21 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
             DType::F32 => self.store_f32(cast_slice_mut(dst), v),
             DType::F16 => self.store_f16(cast_slice_mut(dst), v),
             DType::BF16 => self.store_bf16(cast_slice_mut(dst), v),
+        }
+    }
+
+    /// Store like [`store`](Simd::store), non-temporal when `stream` and `dst` starts on a
+    /// multiple of the vector's byte width (the kernels align their vector loops so that it
+    /// does), a plain store otherwise.
+    #[inline(always)]
+    fn put<T: Element>(self, dst: &mut [T], v: Self::V, stream: bool) {
+        if !stream || !(dst.as_ptr() as usize).is_multiple_of(Self::LANES * std::mem::size_of::<T>()) {
+            return self.store(dst, v);
+        }
+        match T::DTYPE {
+            DType::F32 => self.stream_f32(cast_slice_mut(dst), v),
+            DType::F16 => self.stream_f16(cast_slice_mut(dst), v),
+            DType::BF16 => self.stream_bf16(cast_slice_mut(dst), v),
         }
     }
 
@@ -276,6 +300,21 @@ impl Simd for Scalar {
             d[i] = half::bf16::from_f32(v[i]);
         }
     }
+    // no portable non-temporal store: plain stores
+    #[inline(always)]
+    fn stream_f32(self, dst: &mut [f32], v: Self::V) {
+        self.store_f32(dst, v)
+    }
+    #[inline(always)]
+    fn stream_f16(self, dst: &mut [half::f16], v: Self::V) {
+        self.store_f16(dst, v)
+    }
+    #[inline(always)]
+    fn stream_bf16(self, dst: &mut [half::bf16], v: Self::V) {
+        self.store_bf16(dst, v)
+    }
+    #[inline(always)]
+    fn fence(self) {}
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -423,10 +462,7 @@ mod x86 {
         fn store_f16(self, dst: &mut [half::f16], v: __m512) {
             assert!(dst.len() >= 16);
             // SAFETY: 32 bytes are writable (checked); see the impl comment.
-            unsafe {
-                let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-                _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, h)
-            }
+            unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, self.pack_f16(v)) }
         }
         #[inline(always)]
         fn load_bf16(self, src: &[half::bf16]) -> __m512 {
@@ -440,16 +476,51 @@ mod x86 {
         #[inline(always)]
         fn store_bf16(self, dst: &mut [half::bf16], v: __m512) {
             assert!(dst.len() >= 16);
-            if BF16 && !self.bf16_denormal(v) {
-                // SAFETY: 32 bytes are writable (checked); `Avx512<true>` exists only where
-                // the CPU has AVX512-BF16 (see the impl comment).
-                unsafe {
-                    let b = _mm512_cvtneps_pbh(v);
-                    _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(b));
-                }
-                return;
-            }
             // SAFETY: 32 bytes are writable (checked); see the impl comment.
+            unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, self.pack_bf16(v)) }
+        }
+        #[inline(always)]
+        fn stream_f32(self, dst: &mut [f32], v: __m512) {
+            assert!(dst.len() >= 16 && (dst.as_ptr() as usize).is_multiple_of(64));
+            // SAFETY: 64 bytes are writable and 64-byte aligned (checked); see the impl comment.
+            unsafe { _mm512_stream_ps(dst.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn stream_f16(self, dst: &mut [half::f16], v: __m512) {
+            assert!(dst.len() >= 16 && (dst.as_ptr() as usize).is_multiple_of(32));
+            // SAFETY: 32 bytes are writable and 32-byte aligned (checked); see the impl comment.
+            unsafe { _mm256_stream_si256(dst.as_mut_ptr() as *mut __m256i, self.pack_f16(v)) }
+        }
+        #[inline(always)]
+        fn stream_bf16(self, dst: &mut [half::bf16], v: __m512) {
+            assert!(dst.len() >= 16 && (dst.as_ptr() as usize).is_multiple_of(32));
+            // SAFETY: 32 bytes are writable and 32-byte aligned (checked); see the impl comment.
+            unsafe { _mm256_stream_si256(dst.as_mut_ptr() as *mut __m256i, self.pack_bf16(v)) }
+        }
+        #[inline(always)]
+        fn fence(self) {
+            // SAFETY: SSE is part of x86_64.
+            unsafe { _mm_sfence() }
+        }
+    }
+
+    impl<const BF16: bool> Avx512<BF16> {
+        /// 16 lanes rounded to f16 (nearest even), packed.
+        #[inline(always)]
+        fn pack_f16(self, v: __m512) -> __m256i {
+            // SAFETY: a value of `Avx512` proves AVX-512F (see the impl comment above).
+            unsafe { _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v) }
+        }
+
+        /// 16 lanes rounded to bf16 (nearest even, NaN kept and quieted), packed.
+        #[inline(always)]
+        fn pack_bf16(self, v: __m512) -> __m256i {
+            if BF16 && !self.bf16_denormal(v) {
+                // SAFETY: `Avx512<true>` exists only where the CPU has AVX512-BF16 (see the
+                // impl comment above).
+                return unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)) };
+            }
+            // SAFETY: a value of `Avx512` proves AVX-512F (see the impl comment above).
             unsafe {
                 let bits = _mm512_castps_si512(v);
                 let hi = _mm512_srli_epi32::<16>(bits);
@@ -460,13 +531,10 @@ mod x86 {
                 // NaN: keep the sign and payload's top bits, force quiet
                 let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
                 let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
-                let r = _mm512_mask_blend_epi32(nan, rounded, quiet);
-                _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, _mm512_cvtepi32_epi16(r))
+                _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
             }
         }
-    }
 
-    impl<const BF16: bool> Avx512<BF16> {
         /// Whether a lane of `v` is an f32 denormal: `vcvtneps2bf16` rounds to nearest
         /// even and quiets NaNs as `half` does (one instruction instead of ten) but reads
         /// denormal inputs as zero, so such vectors take the integer rounding. Only called
@@ -564,10 +632,7 @@ mod x86 {
         fn store_f16(self, dst: &mut [half::f16], v: __m256) {
             assert!(dst.len() >= 8);
             // SAFETY: 16 bytes are writable (checked); see the impl comment.
-            unsafe {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-                _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, h)
-            }
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, self.pack_f16(v)) }
         }
         #[inline(always)]
         fn load_bf16(self, src: &[half::bf16]) -> __m256 {
@@ -582,6 +647,45 @@ mod x86 {
         fn store_bf16(self, dst: &mut [half::bf16], v: __m256) {
             assert!(dst.len() >= 8);
             // SAFETY: 16 bytes are writable (checked); see the impl comment.
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, self.pack_bf16(v)) }
+        }
+        #[inline(always)]
+        fn stream_f32(self, dst: &mut [f32], v: __m256) {
+            assert!(dst.len() >= 8 && (dst.as_ptr() as usize).is_multiple_of(32));
+            // SAFETY: 32 bytes are writable and 32-byte aligned (checked); see the impl comment.
+            unsafe { _mm256_stream_ps(dst.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn stream_f16(self, dst: &mut [half::f16], v: __m256) {
+            assert!(dst.len() >= 8 && (dst.as_ptr() as usize).is_multiple_of(16));
+            // SAFETY: 16 bytes are writable and 16-byte aligned (checked); see the impl comment.
+            unsafe { _mm_stream_si128(dst.as_mut_ptr() as *mut __m128i, self.pack_f16(v)) }
+        }
+        #[inline(always)]
+        fn stream_bf16(self, dst: &mut [half::bf16], v: __m256) {
+            assert!(dst.len() >= 8 && (dst.as_ptr() as usize).is_multiple_of(16));
+            // SAFETY: 16 bytes are writable and 16-byte aligned (checked); see the impl comment.
+            unsafe { _mm_stream_si128(dst.as_mut_ptr() as *mut __m128i, self.pack_bf16(v)) }
+        }
+        #[inline(always)]
+        fn fence(self) {
+            // SAFETY: SSE is part of x86_64.
+            unsafe { _mm_sfence() }
+        }
+    }
+
+    impl Avx2 {
+        /// 8 lanes rounded to f16 (nearest even), packed.
+        #[inline(always)]
+        fn pack_f16(self, v: __m256) -> __m128i {
+            // SAFETY: a value of `Avx2` proves F16C (see the impl comment above).
+            unsafe { _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v) }
+        }
+
+        /// 8 lanes rounded to bf16 (nearest even, NaN kept and quieted), packed.
+        #[inline(always)]
+        fn pack_bf16(self, v: __m256) -> __m128i {
+            // SAFETY: a value of `Avx2` proves AVX2 (see the impl comment above).
             unsafe {
                 let bits = _mm256_castps_si256(v);
                 let hi = _mm256_srli_epi32::<16>(bits);
@@ -594,7 +698,7 @@ mod x86 {
                 // values are < 2^16, so unsigned saturation keeps them; packus works per
                 // 128-bit half, so gather qwords 0 and 2 into the low half.
                 let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r));
-                _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(packed))
+                _mm256_castsi256_si128(packed)
             }
         }
     }
@@ -610,6 +714,8 @@ mod tests {
         f16_out: &'a mut [f16],
         bf16_out: &'a mut [bf16],
         back: &'a mut [f32],
+        /// store the conversions with `put(.., stream)`
+        stream: bool,
     }
 
     impl Kernel for RoundTrip<'_> {
@@ -619,15 +725,23 @@ mod tests {
             let l = S::LANES;
             for i in (0..self.src.len()).step_by(l) {
                 let v = s.load_f32(&self.src[i..]);
-                s.store_f16(&mut self.f16_out[i..], v);
-                s.store_bf16(&mut self.bf16_out[i..], v);
+                s.put(&mut self.f16_out[i..], v, self.stream);
+                s.put(&mut self.bf16_out[i..], v, self.stream);
+                s.fence();
                 let w = s.add(s.load(&self.bf16_out[i..]), s.load(&self.f16_out[i..]));
-                s.store(&mut self.back[i..], w);
+                s.put(&mut self.back[i..], w, self.stream);
             }
         }
     }
 
-    /// Every level converts exactly like the `half` crate (round to nearest even, NaN kept).
+    /// `v[..n]` moved up to start on a 64-byte boundary (so that `put` streams).
+    fn aligned<T>(v: &mut [T], n: usize) -> &mut [T] {
+        let skip = v.as_ptr().align_offset(64);
+        &mut v[skip..skip + n]
+    }
+
+    /// Every level converts exactly like the `half` crate (round to nearest even, NaN kept),
+    /// with plain stores and with streaming ones (outputs aligned so that they stream).
     #[test]
     fn conversions_match_half_on_every_level() {
         let mut src: Vec<f32> =
@@ -655,14 +769,16 @@ mod tests {
         if x86::avx512_ok() {
             runs.push(("avx512 without bf16".into(), SimdLevel::Avx512, true));
         }
-        for (level_name, lvl, plain) in runs {
+        for ((level_name, lvl, plain), stream) in runs.into_iter().flat_map(|r| [(r.clone(), false), (r, true)]) {
             if !lvl.is_supported() {
                 continue;
             }
-            let level = level_name;
+            let level = format!("{level_name}{}", if stream { " streaming" } else { "" });
             let n = src.len();
-            let (mut h, mut b, mut back) = (vec![f16::ZERO; n], vec![bf16::ZERO; n], vec![0f32; n]);
-            let k = RoundTrip { src: &src, f16_out: &mut h, bf16_out: &mut b, back: &mut back };
+            let (mut h_buf, mut b_buf, mut back_buf) =
+                (vec![f16::ZERO; n + 64], vec![bf16::ZERO; n + 64], vec![0f32; n + 64]);
+            let (h, b, back) = (aligned(&mut h_buf, n), aligned(&mut b_buf, n), aligned(&mut back_buf, n));
+            let k = RoundTrip { src: &src, f16_out: &mut *h, bf16_out: &mut *b, back: &mut *back, stream };
             if plain {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512F, AVX2, FMA and F16C are present (checked above).
