@@ -8,7 +8,7 @@ mod kernels;
 mod partition;
 pub(crate) mod simd;
 
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::shape::{Pattern, Shape};
 use crate::stats::Moments;
@@ -57,19 +57,24 @@ impl std::fmt::Debug for CpuDevice {
 ///
 /// ```
 /// use bnorm::cpu::{CpuDevice, Stores};
+/// use bnorm::DType;
 /// assert_eq!(CpuDevice::new().stores(), Stores::Auto);
 /// let cpu = CpuDevice::new().with_stores(Stores::Cached);
-/// assert!(!cpu.streams(1 << 30));
-/// assert!(CpuDevice::new().with_stores(Stores::Streaming).streams(64));
+/// assert!(!cpu.streams(DType::F32, 1 << 30));
+/// assert!(CpuDevice::new().with_stores(Stores::Streaming).streams(DType::BF16, 64));
 /// assert_eq!("cached".parse::<Stores>(), Ok(Stores::Cached));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum Stores {
-    /// Stream outputs of at least four times the L2 of the threads that write them
-    /// ([`CpuDevice::streams`]); cached below. Measured on the 2-core AVX-512 machine of
-    /// docs/BENCHMARKS.md, a normalize pass plus a pass that reads its output, streamed
-    /// against cached: 1.09-1.19x the time at 6.4 MB of f32 output (too small), 0.87-0.98x
-    /// at 12.8 MB, 0.77-0.80x at 25.7 MB and above.
+    /// Stream f32 outputs of at least four times the L2 of the threads that write them,
+    /// f16 and bf16 outputs of at least eight times ([`CpuDevice::streams`]); cached below.
+    /// Measured on the 2-core AVX-512 machine of docs/BENCHMARKS.md: a normalize pass plus
+    /// a pass that reads its output, streamed against cached, took 1.09-1.19x the time at
+    /// 6.4 MB of f32 output, 0.87-0.98x at 12.8 MB, 0.77-0.80x from 25.7 MB. Between two
+    /// runs of the resnet50 suite (before and after streaming), the streamed cases took
+    /// 0.39-1.04x the time from 25.7 MB of f32 output and from 51 MB of f16/bf16, but
+    /// 16-bit forward passes at 25.7 MB took 1.06-1.35x (a 16-bit pass converts more per
+    /// byte and hides more of the line reads).
     #[default]
     Auto,
     /// Always through the caches.
@@ -100,7 +105,8 @@ impl std::str::FromStr for Stores {
     }
 }
 
-/// [`Stores::Auto`] streams an output of at least this many times the threads' L2.
+/// [`Stores::Auto`] streams an f32 output of at least this many times the threads' L2, a
+/// 16-bit one of twice that.
 const STREAM_L2_MULTIPLE: usize = 4;
 
 impl Default for CpuDevice {
@@ -137,14 +143,16 @@ impl CpuDevice {
         self.stores
     }
 
-    /// Whether an op whose outputs take `bytes` bytes writes them with streaming stores:
-    /// under [`Stores::Auto`], when `bytes` is at least 4 times the L2 of the threads (each
-    /// thread's share then is four times its core's L2).
-    pub fn streams(&self, bytes: usize) -> bool {
+    /// Whether an op whose outputs are `elements` values of `dtype` writes them with
+    /// streaming stores: under [`Stores::Auto`], when they take at least 4 times the L2 of
+    /// the threads for f32 (each thread's share is then four times its core's L2), 8 times
+    /// for f16 and bf16.
+    pub fn streams(&self, dtype: DType, elements: usize) -> bool {
+        let multiple = if dtype.size() >= 4 { STREAM_L2_MULTIPLE } else { 2 * STREAM_L2_MULTIPLE };
         match self.stores {
             Stores::Cached => false,
             Stores::Streaming => true,
-            Stores::Auto => bytes >= STREAM_L2_MULTIPLE * l2_bytes() * self.threads(),
+            Stores::Auto => elements.saturating_mul(dtype.size()) >= multiple * l2_bytes() * self.threads(),
         }
     }
 
@@ -374,7 +382,7 @@ pub(crate) fn forward_training<T: Element>(
     };
     let level = dev.simd;
     let Forward { x, z, y, relu } = a;
-    let stream = dev.streams(std::mem::size_of_val(y));
+    let stream = dev.streams(T::DTYPE, y.len());
     let groups = f.slabs(y);
     let per_group: Vec<Vec<Moments>> = dev.install(|| {
         groups
@@ -416,7 +424,7 @@ pub(crate) fn backward<T: Element>(
     };
     let level = dev.simd;
     let Backward { x, y, dy, dx, dz } = a;
-    let stream = dev.streams(output_bytes(dx, dz.as_deref()));
+    let stream = dev.streams(T::DTYPE, dx.len() + dz.as_ref().map_or(0, |d| d.len()));
     let dx_groups = f.slabs(dx);
     let mut dz_groups: Vec<Option<Vec<&mut [T]>>> = match dz {
         Some(dz) => f.slabs(dz).into_iter().map(Some).collect(),
@@ -460,7 +468,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
     let level = dev.simd;
     let threads = dev.threads();
     let Forward { x, z, y, relu } = a;
-    let stream = dev.streams(std::mem::size_of_val(y));
+    let stream = dev.streams(T::DTYPE, y.len());
     dev.install(|| match shape.pattern() {
         Pattern::Planes { s, .. } => {
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
@@ -500,11 +508,6 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
 }
 
 // ---------------------------------------------------------------- backward
-
-/// Bytes the backward writes: `dx`, and `dz` when asked.
-fn output_bytes<T>(dx: &[T], dz: Option<&[T]>) -> usize {
-    std::mem::size_of_val(dx) + dz.map_or(0, std::mem::size_of_val)
-}
 
 /// Per-channel `sum g` and `sum g * (x - mean)`, `g` gated by ReLU when `y` is given.
 pub(crate) fn grad_sums<T: Element>(
@@ -557,7 +560,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     let level = dev.simd;
     let threads = dev.threads();
     let Backward { x, y, dy, dx, dz } = a;
-    let stream = dev.streams(output_bytes(dx, dz.as_deref()));
+    let stream = dev.streams(T::DTYPE, dx.len() + dz.as_ref().map_or(0, |d| d.len()));
     dev.install(|| match shape.pattern() {
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
@@ -625,16 +628,20 @@ mod tests {
         assert_eq!(ok.simd(), SimdLevel::Avx2);
     }
 
-    /// `Stores::Auto` streams from four times the threads' L2 up, not below; the policy
-    /// parses from its names and refuses others.
+    /// `Stores::Auto` streams f32 from four times the threads' L2 up, 16-bit types from
+    /// eight, not below; the policy parses from its names and refuses others.
     #[test]
     fn auto_stores_stream_from_four_l2s_per_thread() {
         let dev = CpuDevice::new().with_threads(2).unwrap().with_stores(Stores::Auto);
-        let at = 4 * l2_bytes() * 2;
-        assert!(!dev.streams(at - 1));
-        assert!(dev.streams(at));
+        let at = 4 * l2_bytes() * 2 / 4; // f32 elements
+        assert!(!dev.streams(DType::F32, at - 1));
+        assert!(dev.streams(DType::F32, at));
+        assert!(!dev.streams(DType::F16, 2 * at));
+        assert!(!dev.streams(DType::BF16, 4 * at - 1));
+        assert!(dev.streams(DType::BF16, 4 * at));
         let one = CpuDevice::new().with_threads(1).unwrap().with_stores(Stores::Auto);
-        assert!(one.streams(at / 2));
+        assert!(one.streams(DType::F32, at / 2));
+        assert!(!one.streams(DType::F32, at / 2 - 1));
         for p in [Stores::Auto, Stores::Cached, Stores::Streaming] {
             assert_eq!(p.to_string().parse::<Stores>(), Ok(p));
         }
