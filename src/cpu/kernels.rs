@@ -1702,40 +1702,49 @@ impl<T: Element> Kernel for GradRows<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let c = self.c;
-        let l = S::LANES;
-        let n = self.inp.x.len();
-        // one flat stream with periodic per-channel maps, as in `norm_rows`
-        let (mean, a, gmean, k) = (self.mean, self.a, self.gmean, self.k);
-        let (lo, hi) = vector_span::<S, T>(self.dx, n);
-        let mut dz = self.dz;
-        let mut j = lo % c;
-        for p in (lo..hi).step_by(l) {
-            let dy = s.load(&self.inp.dy[p..]);
-            let g = match self.inp.y {
-                Some(y) => s.where_positive(s.load(&y[p..]), dy),
-                None => dy,
-            };
-            let xc = s.sub(s.load(&self.inp.x[p..]), s.load_f32(&mean[j..]));
-            let v = s.mul(s.load_f32(&a[j..]), s.fma(s.load_f32(&k[j..]), xc, s.sub(g, s.load_f32(&gmean[j..]))));
-            s.put(&mut self.dx[p..], v, self.stream);
-            if let Some(dz) = dz.as_deref_mut() {
-                s.put(&mut dz[p..], g, self.stream);
-            }
-            j = next_phase(j, l, c);
-        }
-        let map = |p: usize| {
-            let j = p % c;
-            GradMap { mean: self.mean[j], a: self.a[j], gmean: self.gmean[j], k: self.k[j] }
-        };
-        // spans shorter than a vector: grad_span runs them scalar
-        let stream = self.stream;
-        grad_span(s, &self.inp, &mut *self.dx, dz.as_deref_mut(), (0, lo, stream), map);
-        grad_span(s, &self.inp, self.dx, dz, (hi, n, stream), map);
-        if stream {
+        // the store kind fixed at compile time: as a third run-time choice in the loop
+        // (with `y` and `dz`) it cost 7-10 % of a single-thread bf16 cl backward
+        if self.stream {
+            grad_rows::<S, T, true>(s, self);
             s.fence();
+        } else {
+            grad_rows::<S, T, false>(s, self);
         }
     }
+}
+
+/// [`GradRows`] with the store kind `STREAM` (see [`Simd::put`]).
+#[inline(always)]
+fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>) {
+    let c = kr.c;
+    let l = S::LANES;
+    let n = kr.inp.x.len();
+    // one flat stream with periodic per-channel maps, as in `norm_rows`
+    let (mean, a, gmean, k) = (kr.mean, kr.a, kr.gmean, kr.k);
+    let (lo, hi) = vector_span::<S, T>(kr.dx, n);
+    let mut dz = kr.dz;
+    let mut j = lo % c;
+    for p in (lo..hi).step_by(l) {
+        let dy = s.load(&kr.inp.dy[p..]);
+        let g = match kr.inp.y {
+            Some(y) => s.where_positive(s.load(&y[p..]), dy),
+            None => dy,
+        };
+        let xc = s.sub(s.load(&kr.inp.x[p..]), s.load_f32(&mean[j..]));
+        let v = s.mul(s.load_f32(&a[j..]), s.fma(s.load_f32(&k[j..]), xc, s.sub(g, s.load_f32(&gmean[j..]))));
+        s.put(&mut kr.dx[p..], v, STREAM);
+        if let Some(dz) = dz.as_deref_mut() {
+            s.put(&mut dz[p..], g, STREAM);
+        }
+        j = next_phase(j, l, c);
+    }
+    let map = |p: usize| {
+        let j = p % c;
+        GradMap { mean: kr.mean[j], a: kr.a[j], gmean: kr.gmean[j], k: kr.k[j] }
+    };
+    // spans shorter than a vector: grad_span runs them scalar
+    grad_span(s, &kr.inp, &mut *kr.dx, dz.as_deref_mut(), (0, lo, STREAM), map);
+    grad_span(s, &kr.inp, kr.dx, dz, (hi, n, STREAM), map);
 }
 
 #[cfg(test)]
