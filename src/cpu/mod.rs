@@ -226,6 +226,13 @@ pub(crate) struct Backward<'a, T> {
     pub dz: Option<&'a mut [T]>,
 }
 
+impl<T> Backward<'_, T> {
+    /// Values the backward writes: `dx`, and `dz` when asked.
+    fn outputs(&self) -> usize {
+        self.dx.len() + self.dz.as_ref().map_or(0, |d| d.len())
+    }
+}
+
 // ---------------------------------------------------------------- statistics
 
 /// Per-channel moments of `x` (f32 Welford in chunks, merged in f64).
@@ -423,8 +430,8 @@ pub(crate) fn backward<T: Element>(
         return sums;
     };
     let level = dev.simd;
+    let stream = dev.streams(T::DTYPE, a.outputs());
     let Backward { x, y, dy, dx, dz } = a;
-    let stream = dev.streams(T::DTYPE, dx.len() + dz.as_ref().map_or(0, |d| d.len()));
     let dx_groups = f.slabs(dx);
     let mut dz_groups: Vec<Option<Vec<&mut [T]>>> = match dz {
         Some(dz) => f.slabs(dz).into_iter().map(Some).collect(),
@@ -559,8 +566,8 @@ pub(crate) fn grad_sums<T: Element>(
 pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward<'_, T>, maps: &[GradMap]) {
     let level = dev.simd;
     let threads = dev.threads();
+    let stream = dev.streams(T::DTYPE, a.outputs());
     let Backward { x, y, dy, dx, dz } = a;
-    let stream = dev.streams(T::DTYPE, dx.len() + dz.as_ref().map_or(0, |d| d.len()));
     dev.install(|| match shape.pattern() {
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
