@@ -102,10 +102,7 @@ impl<S: Simd> RunMoments<S> {
             steps += 1;
             let inv = s.splat(RECIP[steps as usize]);
             for k in 0..ACC {
-                let v = s.sub(v[k], shift);
-                let d = s.sub(v, mean[k]);
-                mean[k] = s.fma(d, inv, mean[k]);
-                m2[k] = s.fma(d, s.sub(v, mean[k]), m2[k]);
+                (mean[k], m2[k]) = welford(s, s.sub(v[k], shift), inv, (mean[k], m2[k]));
             }
             if steps == FLUSH_STEPS {
                 fold_groups(s, steps, &mean, &m2, &mut self.total);
@@ -220,10 +217,7 @@ impl<S: Simd> RunMoments<S> {
     fn step1(&mut self, s: S, v: S::V) {
         self.steps1 += 1;
         let inv = s.splat(RECIP[self.steps1 as usize]);
-        let v = s.sub(v, self.shift_v);
-        let d = s.sub(v, self.mean1);
-        self.mean1 = s.fma(d, inv, self.mean1);
-        self.m2_1 = s.fma(d, s.sub(v, self.mean1), self.m2_1);
+        (self.mean1, self.m2_1) = welford(s, s.sub(v, self.shift_v), inv, (self.mean1, self.m2_1));
         if self.steps1 == FLUSH_STEPS {
             self.flush_single(s);
         }
@@ -326,6 +320,15 @@ fn fold_groups<S: Simd>(s: S, steps: u32, mean: &[S::V; ACC], m2: &[S::V; ACC], 
     let m2_sum = sum_acc(s, m2);
     let merged = s.fma(spread, s.splat(steps as f32), m2_sum);
     fold_lanes(s, steps * ACC as u32, avg, merged, total);
+}
+
+/// One Welford step of the lanes' (mean, m2) with the (shifted) value `v`, `inv` = 1 / the
+/// step count: `d = v - mean; mean += d * inv; m2 += d * (v - mean)`.
+#[inline(always)]
+fn welford<S: Simd>(s: S, v: S::V, inv: S::V, (mean, m2): (S::V, S::V)) -> (S::V, S::V) {
+    let d = s.sub(v, mean);
+    let mean = s.fma(d, inv, mean);
+    (mean, s.fma(d, s.sub(v, mean), m2))
 }
 
 /// Fold `LANES` Welford lanes, each over `steps` values, into `total` (Chan, in f64).
@@ -650,9 +653,7 @@ fn moments_tile<S: Simd, T: Element, const W: usize>(
         for set in 0..2 {
             for k in 0..W {
                 let v = s.sub(s.load(&pair[set * c + col + k * l..]), sh[k]);
-                let d = s.sub(v, mn[set][k]);
-                mn[set][k] = s.fma(d, inv, mn[set][k]);
-                q[set][k] = s.fma(d, s.sub(v, mn[set][k]), q[set][k]);
+                (mn[set][k], q[set][k]) = welford(s, v, inv, (mn[set][k], q[set][k]));
             }
         }
     }
@@ -680,10 +681,7 @@ fn row_moments_rows<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
         let (mv, qv, kv) = (&mut acc.mean[base..base + c], &mut acc.m2[base..base + c], &acc.shift[..]);
         for j in (0..cv).step_by(l) {
             let v = s.sub(s.load(&row[j..]), s.load_f32(&kv[j..]));
-            let m = s.load_f32(&mv[j..]);
-            let d = s.sub(v, m);
-            let m = s.fma(d, inv, m);
-            let q = s.fma(d, s.sub(v, m), s.load_f32(&qv[j..]));
+            let (m, q) = welford(s, v, inv, (s.load_f32(&mv[j..]), s.load_f32(&qv[j..])));
             s.store_f32(&mut mv[j..], m);
             s.store_f32(&mut qv[j..], q);
         }
