@@ -5,24 +5,10 @@
 
 use bnorm::check::{generate, Data, Rng};
 use bnorm::ops::{self, Backward, ForwardInference, ForwardTraining};
+use bnorm::suites::RESNET50_CHW;
 use bnorm::{bf16, Config, Device, Element, Layout, Shape};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
-
-const RESNET50_CHW: [(usize, usize, usize); 12] = [
-    (64, 112, 112),
-    (64, 56, 56),
-    (256, 56, 56),
-    (128, 56, 56),
-    (128, 28, 28),
-    (512, 28, 28),
-    (256, 28, 28),
-    (256, 14, 14),
-    (1024, 14, 14),
-    (512, 14, 14),
-    (512, 7, 7),
-    (2048, 7, 7),
-];
 
 fn bench_type<T: Element>(c: &mut Criterion, name: &str, layout: Layout) {
     let dev = Device::cpu();

@@ -40,6 +40,7 @@ pub mod ops;
 pub mod reference;
 pub mod shape;
 pub mod stats;
+pub mod suites;
 mod validate;
 
 pub use buffer::{Buf, BufMut, Location};

@@ -757,22 +757,8 @@ mod tests {
     #[test]
     #[ignore = "prints the plans of docs/perf-notes.md"]
     fn resnet_plans() {
-        let shapes = [
-            (64, 112, 112),
-            (64, 56, 56),
-            (256, 56, 56),
-            (128, 56, 56),
-            (128, 28, 28),
-            (512, 28, 28),
-            (256, 28, 28),
-            (256, 14, 14),
-            (1024, 14, 14),
-            (512, 14, 14),
-            (512, 7, 7),
-            (2048, 7, 7),
-        ];
         println!("| shape | dtype layout | V | fwd: grid, splits, fused | bwd: grid, splits, fused | persistent fwd | persistent bwd |");
-        for (c, h, w) in shapes {
+        for (c, h, w) in crate::suites::RESNET50_CHW {
             for (eb, rows) in [(4usize, false), (2, true)] {
                 let p = if rows { Pattern::Rows { rows: 256 * h * w, c } } else { planes(256, c, h * w) };
                 let v = if use_vectors(p, eb, &[0]) { vector_elems(p, eb) } else { 1 };

@@ -1,5 +1,6 @@
 //! Benchmark suites (DESIGN.md's `resnet50` and `smoke`).
 
+use bnorm::suites::{RESNET50_CHW, RESNET50_EXTRA, SMOKE};
 use bnorm::{DType, Layout};
 
 /// The op a benchmark case times.
@@ -75,28 +76,6 @@ impl Case {
         self.op.tensors_moved() * self.numel() * self.dtype.size()
     }
 }
-
-/// ResNet-50's batch-norm shapes (C, H, W).
-pub const RESNET50_CHW: [(usize, usize, usize); 12] = [
-    (64, 112, 112),
-    (64, 56, 56),
-    (256, 56, 56),
-    (128, 56, 56),
-    (128, 28, 28),
-    (512, 28, 28),
-    (256, 28, 28),
-    (256, 14, 14),
-    (1024, 14, 14),
-    (512, 14, 14),
-    (512, 7, 7),
-    (2048, 7, 7),
-];
-
-/// Fixed extra shapes of the resnet50 suite: BatchNorm1d and a 3-D input.
-pub const RESNET50_EXTRA: [&[usize]; 3] = [&[4096, 1024], &[256, 4096], &[8, 64, 16, 56, 56]];
-
-/// The smoke suite: a few small shapes that run in seconds.
-pub const SMOKE: [&[usize]; 4] = [&[4, 64, 28, 28], &[4, 32, 7, 7], &[64, 128], &[2, 8, 4, 8, 8]];
 
 /// Logical shapes of a suite at the given batch sizes.
 pub fn shapes(suite: &str, batches: &[usize]) -> Result<Vec<Vec<usize>>, String> {

@@ -6,6 +6,7 @@
 //! `inference` (`forward_t(x, false)`), `backward` (`GradStore` from `loss.backward()` where
 //! `loss = sum(bn(x) * dy)`, the forward graph built once outside the timed region).
 
+use bnorm::suites::{RESNET50_CHW, SMOKE};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{BatchNorm, ModuleT};
 use clap::Parser;
@@ -18,24 +19,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
-
-/// ResNet-50's batch-norm shapes (C, H, W); the batch is substituted.
-const RESNET50_CHW: [(usize, usize, usize); 12] = [
-    (64, 112, 112),
-    (64, 56, 56),
-    (256, 56, 56),
-    (128, 56, 56),
-    (128, 28, 28),
-    (512, 28, 28),
-    (256, 28, 28),
-    (256, 14, 14),
-    (1024, 14, 14),
-    (512, 14, 14),
-    (512, 7, 7),
-    (2048, 7, 7),
-];
-
-const SMOKE: [[usize; 4]; 2] = [[4, 64, 28, 28], [4, 32, 7, 7]];
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark candle-nn's BatchNorm on the CPU (peer numbers for bnorm bench)")]
@@ -508,7 +491,8 @@ fn loadavg() -> String {
 fn shapes(suite: &str, batch: usize) -> Result<Vec<Vec<usize>>, String> {
     match suite {
         "resnet50" => Ok(RESNET50_CHW.iter().map(|&(c, h, w)| vec![batch, c, h, w]).collect()),
-        "smoke" => Ok(SMOKE.iter().map(|d| d.to_vec()).collect()),
+        // the 4-D (BatchNorm2d) shapes of bnorm's smoke suite
+        "smoke" => Ok(SMOKE.iter().filter(|d| d.len() == 4).map(|d| d.to_vec()).collect()),
         _ => Err(format!("unknown suite `{suite}` (resnet50, smoke)")),
     }
 }
