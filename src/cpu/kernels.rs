@@ -68,11 +68,13 @@ pub(crate) struct RunMoments<S: Simd> {
     tail: [f32; 32],
     tail_len: usize,
     total: Moments,
+    /// values ahead of a run's vector loop to prefetch (0: none)
+    ahead: usize,
 }
 
 impl<S: Simd> RunMoments<S> {
     #[inline(always)]
-    pub(crate) fn new(s: S, shift: f32) -> Self {
+    pub(crate) fn new(s: S, shift: f32, ahead: usize) -> Self {
         let z = s.splat(0.0);
         RunMoments {
             shift,
@@ -86,6 +88,7 @@ impl<S: Simd> RunMoments<S> {
             tail: [0.0; 32],
             tail_len: 0,
             total: Moments::default(),
+            ahead,
         }
     }
 
@@ -118,7 +121,7 @@ impl<S: Simd> RunMoments<S> {
         let l = S::LANES;
         let groups = x.len() / (ACC * l);
         let (body, rest) = x.split_at(groups * ACC * l);
-        self.steps(s, groups, Consecutive(body));
+        self.steps(s, groups, Consecutive(body, self.ahead));
         if x.len() >= l {
             let whole = rest.len() / l * l;
             self.push_tail(s, &rest[..whole]);
@@ -264,13 +267,20 @@ trait Groups<S: Simd> {
     fn group(&self, s: S, i: usize) -> [S::V; ACC];
 }
 
-/// Group `i`: the `ACC` consecutive vectors at `i * ACC * LANES`.
-struct Consecutive<'a, T>(&'a [T]);
+/// Group `i`: the `ACC` consecutive vectors at `i * ACC * LANES`, prefetching the lines the
+/// given number of values further on (0: none).
+struct Consecutive<'a, T>(&'a [T], usize);
 
 impl<S: Simd, T: Element> Groups<S> for Consecutive<'_, T> {
     #[inline(always)]
     fn group(&self, s: S, i: usize) -> [S::V; ACC] {
         let l = S::LANES;
+        let ahead = self.1;
+        if ahead > 0 {
+            for k in (0..ACC * l).step_by(LINE / std::mem::size_of::<T>()) {
+                s.prefetch(self.0, i * ACC * l + k + ahead);
+            }
+        }
         let g = &self.0[i * ACC * l..][..ACC * l];
         let mut v = [s.splat(0.0); ACC];
         for (k, v) in v.iter_mut().enumerate() {
@@ -736,13 +746,15 @@ pub(crate) struct RunMomentsKernel<'a, T> {
     pub x: &'a [T],
     pub runs: Runs,
     pub shift: f32,
+    /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
+    pub ahead: usize,
 }
 
 impl<T: Element> Kernel for RunMomentsKernel<'_, T> {
     type Output = Moments;
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Moments {
-        let mut acc = RunMoments::new(s, self.shift);
+        let mut acc = RunMoments::new(s, self.shift, self.ahead);
         // runs of one to a few vectors: ACC spliced streams side by side; long runs: ACC
         // vectors of one run side by side; runs shorter than a vector: value by value into
         // the tail buffer (push_run does both of the latter)
@@ -787,13 +799,15 @@ pub(crate) struct NormalizeSlabs<'a, 'b, T> {
     pub relu: bool,
     /// write the output with non-temporal stores (see `CpuDevice::streams`)
     pub stream: bool,
+    /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
+    pub ahead: usize,
 }
 
 impl<T: Element> Kernel for NormalizeSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let (run, maps, stream) = (self.run, self.maps, self.stream);
+        let (run, maps, stream) = (self.run, self.maps, (self.stream, self.ahead));
         for sl in self.slabs.iter_mut() {
             let z = sl.z;
             match (z, self.relu) {
@@ -803,7 +817,7 @@ impl<T: Element> Kernel for NormalizeSlabs<'_, '_, T> {
                 (Some(z), true) => norm_slab::<S, T, true, true>(s, sl, z, run, maps, stream),
             }
         }
-        if stream {
+        if self.stream {
             s.fence();
         }
     }
@@ -880,13 +894,13 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     z: &[T],
     run: usize,
     maps: &[ChannelAffine],
-    stream: bool,
+    (stream, ahead): (bool, usize),
 ) {
     let c = maps.len();
     let map_of = |r: usize| maps[channel_of(sl.first + r, c)];
     if run < S::LANES {
         for (r, (x, y)) in sl.x.chunks(run).zip(sl.y.chunks_mut(run)).enumerate() {
-            norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r), stream);
+            norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r), (stream, ahead));
         }
         return;
     }
@@ -904,7 +918,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
             let z = if ADD { &z[at..at + run] } else { z };
             let mut p = 0;
             loop {
-                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), false);
+                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), (false, ahead));
                 if p + l == run {
                     break;
                 }
@@ -921,7 +935,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         [m.mean, m.scale, m.shift]
     };
     walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, scale, shift]| {
-        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), stream);
+        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), (stream, ahead));
     });
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
@@ -936,7 +950,8 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     }
 }
 
-/// The vector at `p`: `y = act((x - mean) * scale + shift + z)` (streamed: see [`Simd::put`]).
+/// The vector at `p`: `y = act((x - mean) * scale + shift + z)` (streamed: see
+/// [`Simd::put`]), prefetching `ahead` values further on (0: not).
 #[inline(always)]
 fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
@@ -945,8 +960,14 @@ fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     y: &mut [T],
     p: usize,
     (mean, scale, shift): (S::V, S::V, S::V),
-    stream: bool,
+    (stream, ahead): (bool, usize),
 ) {
+    if ahead > 0 {
+        s.prefetch(x, p + ahead);
+        if ADD {
+            s.prefetch(z, p + ahead);
+        }
+    }
     let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
     if ADD {
         v = s.add(v, s.load(&z[p..]));
@@ -964,7 +985,7 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     z: &[T],
     y: &mut [T],
     m: ChannelAffine,
-    stream: bool,
+    stream: (bool, usize),
 ) {
     let l = S::LANES;
     let n = x.len();
@@ -1018,6 +1039,8 @@ pub(crate) struct NormalizeRows<'a, T> {
     pub relu: bool,
     /// write the output with non-temporal stores (see `CpuDevice::streams`)
     pub stream: bool,
+    /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
+    pub ahead: usize,
 }
 
 impl<T: Element> Kernel for NormalizeRows<'_, T> {
@@ -1042,12 +1065,12 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
     let c = k.c;
     let l = S::LANES;
     let n = x.len();
-    let (stream, params) = (k.stream, (k.mean, k.scale, k.shift));
+    let (stream, ahead, params) = (k.stream, k.ahead, (k.mean, k.scale, k.shift));
     // Streamed, a cache line must be written whole before its write-combining buffer is
     // let go (a partial line costs a read-modify-write in memory: 5x slower measured),
     // and the tiles write a row's lines in tile order: only when a row is whole lines.
     if !c.is_multiple_of(l) || (stream && !(c * std::mem::size_of::<T>()).is_multiple_of(LINE)) {
-        return norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (0, n, stream));
+        return norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (0, n, stream, ahead));
     }
     // Whole vectors per row: channel tiles whose parameters stay in registers over a
     // sub-block of rows (one load and one store per vector instead of four and one).
@@ -1067,7 +1090,7 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
             let w = (c / l - t).min(max_w);
             let (col, y) = (t * l, &mut k.y[lo..hi]);
             let (x, z) = (&x[lo..hi], &z[lo.min(z.len())..hi.min(z.len())]);
-            let at = (c, col, stream);
+            let at = (c, col, (stream, ahead));
             match w {
                 8 => norm_tile::<S, T, ADD, RELU, 8>(s, x, z, y, at, shifted),
                 4..=7 => norm_tile::<S, T, ADD, RELU, 4>(s, x, z, y, at, shifted),
@@ -1083,8 +1106,8 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
         }
     }
     if o > 0 {
-        norm_flat::<S, T, ADD, RELU>(s, (x, z, &mut *k.y), c, params, (0, o, stream));
-        norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (o + body, n, stream));
+        norm_flat::<S, T, ADD, RELU>(s, (x, z, &mut *k.y), c, params, (0, o, stream, ahead));
+        norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (o + body, n, stream, ahead));
     }
 }
 
@@ -1098,13 +1121,19 @@ fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     (x, z, y): (&[T], &[T], &mut [T]),
     c: usize,
     (mean, scale, shift): (&[f32], &[f32], &[f32]),
-    (start, end, stream): (usize, usize, bool),
+    (start, end, stream, ahead): (usize, usize, bool, usize),
 ) {
     let l = S::LANES;
     let (a, b) = vector_span::<S, T>(&y[start..end], end - start);
     let (lo, hi) = (start + a, start + b);
     let mut j = lo % c;
     for p in (lo..hi).step_by(l) {
+        if ahead > 0 {
+            s.prefetch(x, p + ahead);
+            if ADD {
+                s.prefetch(z, p + ahead);
+            }
+        }
         let mut v =
             s.fma(s.sub(s.load(&x[p..]), s.load_f32(&mean[j..])), s.load_f32(&scale[j..]), s.load_f32(&shift[j..]));
         if ADD {
@@ -1138,7 +1167,7 @@ fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: us
     x: &[T],
     z: &[T],
     y: &mut [T],
-    (c, col, stream): (usize, usize, bool),
+    (c, col, stream): (usize, usize, (bool, usize)),
     (mean, scale, shift): (&[f32], &[f32], &[f32]),
 ) {
     let l = S::LANES;
@@ -1214,6 +1243,19 @@ pub(crate) struct GradRun<'a, T> {
     pub y: Option<&'a [T]>,
 }
 
+/// Prefetch the backward inputs at `i` when `ahead > 0` (`i` is the loop's position plus
+/// `ahead`).
+#[inline(always)]
+fn prefetch_grad<S: Simd, T>(s: S, inp: &GradRun<'_, T>, i: usize, ahead: usize) {
+    if ahead > 0 {
+        s.prefetch(inp.dy, i);
+        s.prefetch(inp.x, i);
+        if let Some(y) = inp.y {
+            s.prefetch(y, i);
+        }
+    }
+}
+
 /// `mean` split as `m_hi + m_lo` with `m_hi` on the activation type's grid.
 ///
 /// The backward sums subtract `m_hi` in f32 and take `m_lo * sum g` off the f64 total. With
@@ -1237,6 +1279,8 @@ pub(crate) struct GradSumRuns<'a, T> {
     pub inp: GradRun<'a, T>,
     pub runs: Runs,
     pub mean: f32,
+    /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
+    pub ahead: usize,
 }
 
 impl<T: Element> Kernel for GradSumRuns<'_, T> {
@@ -1244,9 +1288,9 @@ impl<T: Element> Kernel for GradSumRuns<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> GradSums {
         if self.inp.y.is_some() {
-            grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, self.mean)
+            grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, (self.mean, self.ahead))
         } else {
-            grad_sums_runs::<S, T, false>(s, &self.inp, self.runs, self.mean)
+            grad_sums_runs::<S, T, false>(s, &self.inp, self.runs, (self.mean, self.ahead))
         }
     }
 }
@@ -1260,7 +1304,7 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
     s: S,
     inp: &GradRun<'_, T>,
     runs: Runs,
-    mean: f32,
+    (mean, ahead): (f32, usize),
 ) -> GradSums {
     let l = S::LANES;
     let z = s.splat(0.0);
@@ -1281,6 +1325,15 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
         let term = grad_term::<S, T, RELU>;
         let full = n / (ACC * l) * (ACC * l);
         for i in (0..full).step_by(ACC * l) {
+            if ahead > 0 {
+                for k in (0..ACC * l).step_by(LINE / std::mem::size_of::<T>()) {
+                    s.prefetch(dy, i + k + ahead);
+                    s.prefetch(x, i + k + ahead);
+                    if RELU {
+                        s.prefetch(y, i + k + ahead);
+                    }
+                }
+            }
             for k in 0..ACC {
                 let (gv, xc) = term(s, dy, y, x, mv, i + k * l);
                 g[k] = s.add(g[k], gv);
@@ -1572,13 +1625,15 @@ pub(crate) struct GradSlabs<'a, 'b, T> {
     pub maps: &'b [GradMap],
     /// write the output with non-temporal stores (see `CpuDevice::streams`)
     pub stream: bool,
+    /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
+    pub ahead: usize,
 }
 
 impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let (run, maps, stream) = (self.run, self.maps, self.stream);
+        let (run, maps, stream) = (self.run, self.maps, (self.stream, self.ahead));
         for sl in self.slabs.iter_mut() {
             match (sl.inp.y.is_some(), sl.dz.is_some()) {
                 (false, false) => grad_slab::<S, T, false, false>(s, sl, run, maps, stream),
@@ -1587,7 +1642,7 @@ impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
                 (true, true) => grad_slab::<S, T, true, true>(s, sl, run, maps, stream),
             }
         }
-        if stream {
+        if self.stream {
             s.fence();
         }
     }
@@ -1601,7 +1656,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     sl: &mut GradSlab<'_, T>,
     run: usize,
     maps: &[GradMap],
-    stream: bool,
+    (stream, ahead): (bool, usize),
 ) {
     let c = maps.len();
     let map_of = |p: usize| maps[channel_of(sl.first + p / run, c)];
@@ -1610,7 +1665,8 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
         // runs shorter than a vector: run by run (grad_span vectorizes within a run)
         for r in 0..n / run {
             let m = map_of(r * run);
-            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (r * run, (r + 1) * run, stream), |_| m);
+            let span = (r * run, (r + 1) * run, stream, ahead);
+            grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), span, |_| m);
         }
         return;
     }
@@ -1625,6 +1681,13 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     let mut no_dz: [T; 0] = [];
     let dz: &mut [T] = if DZ { sl.dz.as_deref_mut().map_or(&mut no_dz[..], |d| &mut d[..n]) } else { &mut no_dz };
     walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, a, gmean, k]| {
+        if ahead > 0 {
+            s.prefetch(dy, p + ahead);
+            s.prefetch(x, p + ahead);
+            if RELU {
+                s.prefetch(y, p + ahead);
+            }
+        }
         let d = s.load(&dy[p..]);
         let g = if RELU { s.where_positive(s.load(&y[p..]), d) } else { d };
         let v = s.mul(a, s.fma(k, s.sub(s.load(&x[p..]), mean), s.sub(g, gmean)));
@@ -1634,8 +1697,8 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
         }
     });
     // heads and tails shorter than a vector: grad_span runs them scalar
-    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream), map_of);
-    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream), map_of);
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream, ahead), map_of);
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, ahead), map_of);
 }
 
 /// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
@@ -1647,7 +1710,7 @@ fn grad_span<S: Simd, T: Element>(
     inp: &GradRun<'_, T>,
     dx: &mut [T],
     mut dz: Option<&mut [T]>,
-    (start, end, stream): (usize, usize, bool),
+    (start, end, stream, ahead): (usize, usize, bool, usize),
     map_of: impl Fn(usize) -> GradMap,
 ) {
     let l = S::LANES;
@@ -1657,6 +1720,7 @@ fn grad_span<S: Simd, T: Element>(
         let m = map_of(lo);
         let (mean, a, gmean, k) = (s.splat(m.mean), s.splat(m.a), s.splat(m.gmean), s.splat(m.k));
         for i in (lo..hi).step_by(l) {
+            prefetch_grad(s, inp, i + ahead, ahead);
             let dy = s.load(&inp.dy[i..]);
             let g = match inp.y {
                 Some(y) => s.where_positive(s.load(&y[i..]), dy),
@@ -1696,6 +1760,8 @@ pub(crate) struct GradRows<'a, T> {
     pub k: &'a [f32],
     /// write the output with non-temporal stores (see `CpuDevice::streams`)
     pub stream: bool,
+    /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
+    pub ahead: usize,
 }
 
 impl<T: Element> Kernel for GradRows<'_, T> {
@@ -1724,7 +1790,9 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>)
     let (lo, hi) = vector_span::<S, T>(kr.dx, n);
     let mut dz = kr.dz;
     let mut j = lo % c;
+    let ahead = kr.ahead;
     for p in (lo..hi).step_by(l) {
+        prefetch_grad(s, &kr.inp, p + ahead, ahead);
         let dy = s.load(&kr.inp.dy[p..]);
         let g = match kr.inp.y {
             Some(y) => s.where_positive(s.load(&y[p..]), dy),
@@ -1743,8 +1811,8 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>)
         GradMap { mean: kr.mean[j], a: kr.a[j], gmean: kr.gmean[j], k: kr.k[j] }
     };
     // spans shorter than a vector: grad_span runs them scalar
-    grad_span(s, &kr.inp, &mut *kr.dx, dz.as_deref_mut(), (0, lo, STREAM), map);
-    grad_span(s, &kr.inp, kr.dx, dz, (hi, n, STREAM), map);
+    grad_span(s, &kr.inp, &mut *kr.dx, dz.as_deref_mut(), (0, lo, STREAM, ahead), map);
+    grad_span(s, &kr.inp, kr.dx, dz, (hi, n, STREAM, ahead), map);
 }
 
 #[cfg(test)]
@@ -1772,13 +1840,18 @@ mod tests {
             let want = Moments::of(&all);
             let half_all: Vec<f64> = (0..count).flat_map(|i| runs.get(&halves, i).iter().map(|v| v.to_f64())).collect();
             let want_half = Moments::of(&half_all);
-            for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+            let levels = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512];
+            // prefetching off, and on with a distance that runs past the buffer's end
+            for (level, ahead) in levels.into_iter().flat_map(|l| [(l, 0), (l, 1024)]) {
                 if !level.is_supported() {
                     continue;
                 }
                 for (got, want) in [
-                    (dispatch(level, RunMomentsKernel { x: &data, runs, shift: data[5] }), want),
-                    (dispatch(level, RunMomentsKernel { x: &halves, runs, shift: halves[5].to_f32() }), want_half),
+                    (dispatch(level, RunMomentsKernel { x: &data, runs, shift: data[5], ahead }), want),
+                    (
+                        dispatch(level, RunMomentsKernel { x: &halves, runs, shift: halves[5].to_f32(), ahead }),
+                        want_half,
+                    ),
                 ] {
                     assert_eq!(got.count, want.count, "{level} {lens:?}");
                     assert!((got.mean - want.mean).abs() <= 1e-6 * want.mean.abs(), "{level} mean {got:?} {want:?}");

@@ -128,6 +128,15 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// the data.
     fn fence(self);
 
+    /// Hint that the cache line holding `src[i]` will be read soon (into L1). Only a hint:
+    /// nothing is read, and an index past the end of `src` is ignored.
+    #[inline(always)]
+    fn prefetch<T>(self, src: &[T], i: usize) {
+        if i < src.len() {
+            prefetch_line(src[i..].as_ptr());
+        }
+    }
+
     /// Load `LANES` elements of any activation type, widened to f32.
     #[inline(always)]
     fn load<T: Element>(self, src: &[T]) -> Self::V {
@@ -170,6 +179,19 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         self.store_f32(&mut a[..Self::LANES], v);
         a
     }
+}
+
+/// `prefetcht0` of the line holding `p` (x86_64; nothing elsewhere).
+#[inline(always)]
+fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and reads nothing into the program (SSE, part of
+    // x86_64); `p` points into a live slice (checked by the caller).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Reinterpret a slice of one element type as another of the same type (checked by DType).
