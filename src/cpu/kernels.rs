@@ -50,6 +50,52 @@ const ACC: usize = 4;
 /// for f32: its 64-byte stores then split cache lines (f32 7x7 was up to 15 % slower).
 const SHORT_RUN_VECTORS: usize = 4;
 
+// ---------------------------------------------------------------- prefetching
+
+/// Whether and how far ahead a kernel's vector loops prefetch their inputs (see
+/// `CpuDevice::prefetch_ahead`), decided once per kernel call ([`with_fetch`]) and fixed
+/// at compile time below it: a run-time `ahead > 0` test in the loops cost 13-15 % of a
+/// single-thread bf16 channels-last forward and inference (32x256x28x28) with
+/// prefetching off.
+pub(crate) trait Fetch: Copy {
+    /// Prefetch `src[i + ahead]` (nothing for [`NoFetch`]).
+    fn fetch<S: Simd, T>(self, s: S, src: &[T], i: usize);
+}
+
+/// No prefetching.
+#[derive(Clone, Copy)]
+pub(crate) struct NoFetch;
+
+/// Prefetch this many values ahead.
+#[derive(Clone, Copy)]
+pub(crate) struct FetchAhead(usize);
+
+impl Fetch for NoFetch {
+    #[inline(always)]
+    fn fetch<S: Simd, T>(self, _: S, _: &[T], _: usize) {}
+}
+
+impl Fetch for FetchAhead {
+    #[inline(always)]
+    fn fetch<S: Simd, T>(self, s: S, src: &[T], i: usize) {
+        s.prefetch(src, i + self.0);
+    }
+}
+
+/// Run `body` with [`FetchAhead`] when `ahead > 0`, else with [`NoFetch`] (two
+/// instantiations of the kernel body).
+macro_rules! with_fetch {
+    ($ahead:expr, |$pf:ident| $body:expr) => {
+        if $ahead > 0 {
+            let $pf = FetchAhead($ahead);
+            $body
+        } else {
+            let $pf = NoFetch;
+            $body
+        }
+    };
+}
+
 // ---------------------------------------------------------------- moments over runs
 
 /// Welford moments of one channel streamed run by run.
@@ -68,13 +114,11 @@ pub(crate) struct RunMoments<S: Simd> {
     tail: [f32; 32],
     tail_len: usize,
     total: Moments,
-    /// values ahead of a run's vector loop to prefetch (0: none)
-    ahead: usize,
 }
 
 impl<S: Simd> RunMoments<S> {
     #[inline(always)]
-    pub(crate) fn new(s: S, shift: f32, ahead: usize) -> Self {
+    pub(crate) fn new(s: S, shift: f32) -> Self {
         let z = s.splat(0.0);
         RunMoments {
             shift,
@@ -88,7 +132,6 @@ impl<S: Simd> RunMoments<S> {
             tail: [0.0; 32],
             tail_len: 0,
             total: Moments::default(),
-            ahead,
         }
     }
 
@@ -115,13 +158,14 @@ impl<S: Simd> RunMoments<S> {
         (self.mean, self.m2, self.steps) = (mean, m2, steps);
     }
 
-    /// Add one run: `ACC` consecutive vectors per step, then single vectors, then scalars.
+    /// Add one run: `ACC` consecutive vectors per step (prefetching as `pf` says), then
+    /// single vectors, then scalars.
     #[inline(always)]
-    pub(crate) fn push_run<T: Element>(&mut self, s: S, x: &[T]) {
+    pub(crate) fn push_run<T: Element>(&mut self, s: S, x: &[T], pf: impl Fetch) {
         let l = S::LANES;
         let groups = x.len() / (ACC * l);
         let (body, rest) = x.split_at(groups * ACC * l);
-        self.steps(s, groups, Consecutive(body, self.ahead));
+        self.steps(s, groups, Consecutive(body, pf));
         if x.len() >= l {
             let whole = rest.len() / l * l;
             self.push_tail(s, &rest[..whole]);
@@ -168,7 +212,7 @@ impl<S: Simd> RunMoments<S> {
             }
         }
         for i in groups * ACC..runs.count {
-            self.push_run(s, runs.get(x, i));
+            self.push_run(s, runs.get(x, i), NoFetch);
         }
     }
 
@@ -267,19 +311,16 @@ trait Groups<S: Simd> {
     fn group(&self, s: S, i: usize) -> [S::V; ACC];
 }
 
-/// Group `i`: the `ACC` consecutive vectors at `i * ACC * LANES`, prefetching the lines the
-/// given number of values further on (0: none).
-struct Consecutive<'a, T>(&'a [T], usize);
+/// Group `i`: the `ACC` consecutive vectors at `i * ACC * LANES`, prefetching ahead of
+/// their lines as the [`Fetch`] says.
+struct Consecutive<'a, T, F>(&'a [T], F);
 
-impl<S: Simd, T: Element> Groups<S> for Consecutive<'_, T> {
+impl<S: Simd, T: Element, F: Fetch> Groups<S> for Consecutive<'_, T, F> {
     #[inline(always)]
     fn group(&self, s: S, i: usize) -> [S::V; ACC] {
         let l = S::LANES;
-        let ahead = self.1;
-        if ahead > 0 {
-            for k in (0..ACC * l).step_by(LINE / std::mem::size_of::<T>()) {
-                s.prefetch(self.0, i * ACC * l + k + ahead);
-            }
+        for k in (0..ACC * l).step_by(LINE / std::mem::size_of::<T>()) {
+            self.1.fetch(s, self.0, i * ACC * l + k);
         }
         let g = &self.0[i * ACC * l..][..ACC * l];
         let mut v = [s.splat(0.0); ACC];
@@ -754,7 +795,7 @@ impl<T: Element> Kernel for RunMomentsKernel<'_, T> {
     type Output = Moments;
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> Moments {
-        let mut acc = RunMoments::new(s, self.shift, self.ahead);
+        let mut acc = RunMoments::new(s, self.shift);
         // runs of one to a few vectors: ACC spliced streams side by side; long runs: ACC
         // vectors of one run side by side; runs shorter than a vector: value by value into
         // the tail buffer (push_run does both of the latter)
@@ -762,9 +803,9 @@ impl<T: Element> Kernel for RunMomentsKernel<'_, T> {
         if (S::LANES..4 * ACC * S::LANES).contains(&runs.len) {
             acc.push_spliced_runs(s, x, runs);
         } else {
-            for i in 0..runs.count {
-                acc.push_run(s, runs.get(x, i));
-            }
+            with_fetch!(self.ahead, |pf| for i in 0..runs.count {
+                acc.push_run(s, runs.get(x, i), pf);
+            });
         }
         acc.finish(s)
     }
@@ -807,7 +848,14 @@ impl<T: Element> Kernel for NormalizeSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let (run, maps, stream) = (self.run, self.maps, (self.stream, self.ahead));
+        with_fetch!(self.ahead, |pf| self.slabs(s, pf))
+    }
+}
+
+impl<T: Element> NormalizeSlabs<'_, '_, T> {
+    #[inline(always)]
+    fn slabs<S: Simd>(self, s: S, pf: impl Fetch) {
+        let (run, maps, stream) = (self.run, self.maps, (self.stream, pf));
         for sl in self.slabs.iter_mut() {
             let z = sl.z;
             match (z, self.relu) {
@@ -894,13 +942,13 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     z: &[T],
     run: usize,
     maps: &[ChannelAffine],
-    (stream, ahead): (bool, usize),
+    (stream, pf): (bool, impl Fetch),
 ) {
     let c = maps.len();
     let map_of = |r: usize| maps[channel_of(sl.first + r, c)];
     if run < S::LANES {
         for (r, (x, y)) in sl.x.chunks(run).zip(sl.y.chunks_mut(run)).enumerate() {
-            norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r), (stream, ahead));
+            norm_run::<S, T, ADD, RELU>(s, x, &z[r * run..], y, map_of(r), (stream, pf));
         }
         return;
     }
@@ -918,7 +966,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
             let z = if ADD { &z[at..at + run] } else { z };
             let mut p = 0;
             loop {
-                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), (false, ahead));
+                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), (false, pf));
                 if p + l == run {
                     break;
                 }
@@ -935,7 +983,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         [m.mean, m.scale, m.shift]
     };
     walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, scale, shift]| {
-        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), (stream, ahead));
+        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), (stream, pf));
     });
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
@@ -951,7 +999,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
 }
 
 /// The vector at `p`: `y = act((x - mean) * scale + shift + z)` (streamed: see
-/// [`Simd::put`]), prefetching `ahead` values further on (0: not).
+/// [`Simd::put`]), prefetching further on as `pf` says.
 #[inline(always)]
 fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
@@ -960,13 +1008,11 @@ fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     y: &mut [T],
     p: usize,
     (mean, scale, shift): (S::V, S::V, S::V),
-    (stream, ahead): (bool, usize),
+    (stream, pf): (bool, impl Fetch),
 ) {
-    if ahead > 0 {
-        s.prefetch(x, p + ahead);
-        if ADD {
-            s.prefetch(z, p + ahead);
-        }
+    pf.fetch(s, x, p);
+    if ADD {
+        pf.fetch(s, z, p);
     }
     let mut v = s.fma(s.sub(s.load(&x[p..]), mean), scale, shift);
     if ADD {
@@ -985,7 +1031,7 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     z: &[T],
     y: &mut [T],
     m: ChannelAffine,
-    stream: (bool, usize),
+    stream: (bool, impl Fetch),
 ) {
     let l = S::LANES;
     let n = x.len();
@@ -1048,12 +1094,12 @@ impl<T: Element> Kernel for NormalizeRows<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
         let stream = self.stream;
-        match (self.z, self.relu) {
-            (None, false) => norm_rows::<S, T, false, false>(s, self.x, self.x, self),
-            (None, true) => norm_rows::<S, T, false, true>(s, self.x, self.x, self),
-            (Some(z), false) => norm_rows::<S, T, true, false>(s, self.x, z, self),
-            (Some(z), true) => norm_rows::<S, T, true, true>(s, self.x, z, self),
-        }
+        with_fetch!(self.ahead, |pf| match (self.z, self.relu) {
+            (None, false) => norm_rows::<S, T, false, false>(s, self.x, self.x, self, pf),
+            (None, true) => norm_rows::<S, T, false, true>(s, self.x, self.x, self, pf),
+            (Some(z), false) => norm_rows::<S, T, true, false>(s, self.x, z, self, pf),
+            (Some(z), true) => norm_rows::<S, T, true, true>(s, self.x, z, self, pf),
+        });
         if stream {
             s.fence();
         }
@@ -1061,16 +1107,22 @@ impl<T: Element> Kernel for NormalizeRows<'_, T> {
 }
 
 #[inline(always)]
-fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[T], z: &[T], k: NormalizeRows<'_, T>) {
+fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    x: &[T],
+    z: &[T],
+    k: NormalizeRows<'_, T>,
+    pf: impl Fetch,
+) {
     let c = k.c;
     let l = S::LANES;
     let n = x.len();
-    let (stream, ahead, params) = (k.stream, k.ahead, (k.mean, k.scale, k.shift));
+    let (stream, params) = (k.stream, (k.mean, k.scale, k.shift));
     // Streamed, a cache line must be written whole before its write-combining buffer is
     // let go (a partial line costs a read-modify-write in memory: 5x slower measured),
     // and the tiles write a row's lines in tile order: only when a row is whole lines.
     if !c.is_multiple_of(l) || (stream && !(c * std::mem::size_of::<T>()).is_multiple_of(LINE)) {
-        return norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (0, n, stream, ahead));
+        return norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (0, n, stream, pf));
     }
     // Whole vectors per row: channel tiles whose parameters stay in registers over a
     // sub-block of rows (one load and one store per vector instead of four and one).
@@ -1090,7 +1142,7 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
             let w = (c / l - t).min(max_w);
             let (col, y) = (t * l, &mut k.y[lo..hi]);
             let (x, z) = (&x[lo..hi], &z[lo.min(z.len())..hi.min(z.len())]);
-            let at = (c, col, (stream, ahead));
+            let at = (c, col, (stream, pf));
             match w {
                 8 => norm_tile::<S, T, ADD, RELU, 8>(s, x, z, y, at, shifted),
                 4..=7 => norm_tile::<S, T, ADD, RELU, 4>(s, x, z, y, at, shifted),
@@ -1106,8 +1158,8 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(s: S, x: &[
         }
     }
     if o > 0 {
-        norm_flat::<S, T, ADD, RELU>(s, (x, z, &mut *k.y), c, params, (0, o, stream, ahead));
-        norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (o + body, n, stream, ahead));
+        norm_flat::<S, T, ADD, RELU>(s, (x, z, &mut *k.y), c, params, (0, o, stream, pf));
+        norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (o + body, n, stream, pf));
     }
 }
 
@@ -1121,18 +1173,16 @@ fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     (x, z, y): (&[T], &[T], &mut [T]),
     c: usize,
     (mean, scale, shift): (&[f32], &[f32], &[f32]),
-    (start, end, stream, ahead): (usize, usize, bool, usize),
+    (start, end, stream, pf): (usize, usize, bool, impl Fetch),
 ) {
     let l = S::LANES;
     let (a, b) = vector_span::<S, T>(&y[start..end], end - start);
     let (lo, hi) = (start + a, start + b);
     let mut j = lo % c;
     for p in (lo..hi).step_by(l) {
-        if ahead > 0 {
-            s.prefetch(x, p + ahead);
-            if ADD {
-                s.prefetch(z, p + ahead);
-            }
+        pf.fetch(s, x, p);
+        if ADD {
+            pf.fetch(s, z, p);
         }
         let mut v =
             s.fma(s.sub(s.load(&x[p..]), s.load_f32(&mean[j..])), s.load_f32(&scale[j..]), s.load_f32(&shift[j..]));
@@ -1167,7 +1217,7 @@ fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: us
     x: &[T],
     z: &[T],
     y: &mut [T],
-    (c, col, stream): (usize, usize, (bool, usize)),
+    (c, col, stream): (usize, usize, (bool, impl Fetch)),
     (mean, scale, shift): (&[f32], &[f32], &[f32]),
 ) {
     let l = S::LANES;
@@ -1243,16 +1293,13 @@ pub(crate) struct GradRun<'a, T> {
     pub y: Option<&'a [T]>,
 }
 
-/// Prefetch the backward inputs at `i` when `ahead > 0` (`i` is the loop's position plus
-/// `ahead`).
+/// Prefetch the backward inputs ahead of `i` as `pf` says.
 #[inline(always)]
-fn prefetch_grad<S: Simd, T>(s: S, inp: &GradRun<'_, T>, i: usize, ahead: usize) {
-    if ahead > 0 {
-        s.prefetch(inp.dy, i);
-        s.prefetch(inp.x, i);
-        if let Some(y) = inp.y {
-            s.prefetch(y, i);
-        }
+fn prefetch_grad<S: Simd, T>(s: S, inp: &GradRun<'_, T>, i: usize, pf: impl Fetch) {
+    pf.fetch(s, inp.dy, i);
+    pf.fetch(s, inp.x, i);
+    if let Some(y) = inp.y {
+        pf.fetch(s, y, i);
     }
 }
 
@@ -1288,9 +1335,9 @@ impl<T: Element> Kernel for GradSumRuns<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> GradSums {
         if self.inp.y.is_some() {
-            grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, (self.mean, self.ahead))
+            with_fetch!(self.ahead, |pf| grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, (self.mean, pf)))
         } else {
-            grad_sums_runs::<S, T, false>(s, &self.inp, self.runs, (self.mean, self.ahead))
+            with_fetch!(self.ahead, |pf| grad_sums_runs::<S, T, false>(s, &self.inp, self.runs, (self.mean, pf)))
         }
     }
 }
@@ -1304,7 +1351,7 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
     s: S,
     inp: &GradRun<'_, T>,
     runs: Runs,
-    (mean, ahead): (f32, usize),
+    (mean, pf): (f32, impl Fetch),
 ) -> GradSums {
     let l = S::LANES;
     let z = s.splat(0.0);
@@ -1325,13 +1372,11 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
         let term = grad_term::<S, T, RELU>;
         let full = n / (ACC * l) * (ACC * l);
         for i in (0..full).step_by(ACC * l) {
-            if ahead > 0 {
-                for k in (0..ACC * l).step_by(LINE / std::mem::size_of::<T>()) {
-                    s.prefetch(dy, i + k + ahead);
-                    s.prefetch(x, i + k + ahead);
-                    if RELU {
-                        s.prefetch(y, i + k + ahead);
-                    }
+            for k in (0..ACC * l).step_by(LINE / std::mem::size_of::<T>()) {
+                pf.fetch(s, dy, i + k);
+                pf.fetch(s, x, i + k);
+                if RELU {
+                    pf.fetch(s, y, i + k);
                 }
             }
             for k in 0..ACC {
@@ -1633,7 +1678,14 @@ impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let (run, maps, stream) = (self.run, self.maps, (self.stream, self.ahead));
+        with_fetch!(self.ahead, |pf| self.slabs(s, pf))
+    }
+}
+
+impl<T: Element> GradSlabs<'_, '_, T> {
+    #[inline(always)]
+    fn slabs<S: Simd>(self, s: S, pf: impl Fetch) {
+        let (run, maps, stream) = (self.run, self.maps, (self.stream, pf));
         for sl in self.slabs.iter_mut() {
             match (sl.inp.y.is_some(), sl.dz.is_some()) {
                 (false, false) => grad_slab::<S, T, false, false>(s, sl, run, maps, stream),
@@ -1656,7 +1708,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     sl: &mut GradSlab<'_, T>,
     run: usize,
     maps: &[GradMap],
-    (stream, ahead): (bool, usize),
+    (stream, pf): (bool, impl Fetch),
 ) {
     let c = maps.len();
     let map_of = |p: usize| maps[channel_of(sl.first + p / run, c)];
@@ -1665,7 +1717,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
         // runs shorter than a vector: run by run (grad_span vectorizes within a run)
         for r in 0..n / run {
             let m = map_of(r * run);
-            let span = (r * run, (r + 1) * run, stream, ahead);
+            let span = (r * run, (r + 1) * run, stream, pf);
             grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), span, |_| m);
         }
         return;
@@ -1681,12 +1733,10 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     let mut no_dz: [T; 0] = [];
     let dz: &mut [T] = if DZ { sl.dz.as_deref_mut().map_or(&mut no_dz[..], |d| &mut d[..n]) } else { &mut no_dz };
     walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, a, gmean, k]| {
-        if ahead > 0 {
-            s.prefetch(dy, p + ahead);
-            s.prefetch(x, p + ahead);
-            if RELU {
-                s.prefetch(y, p + ahead);
-            }
+        pf.fetch(s, dy, p);
+        pf.fetch(s, x, p);
+        if RELU {
+            pf.fetch(s, y, p);
         }
         let d = s.load(&dy[p..]);
         let g = if RELU { s.where_positive(s.load(&y[p..]), d) } else { d };
@@ -1697,8 +1747,8 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
         }
     });
     // heads and tails shorter than a vector: grad_span runs them scalar
-    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream, ahead), map_of);
-    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, ahead), map_of);
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream, pf), map_of);
+    grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, pf), map_of);
 }
 
 /// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
@@ -1710,7 +1760,7 @@ fn grad_span<S: Simd, T: Element>(
     inp: &GradRun<'_, T>,
     dx: &mut [T],
     mut dz: Option<&mut [T]>,
-    (start, end, stream, ahead): (usize, usize, bool, usize),
+    (start, end, stream, pf): (usize, usize, bool, impl Fetch),
     map_of: impl Fn(usize) -> GradMap,
 ) {
     let l = S::LANES;
@@ -1720,7 +1770,7 @@ fn grad_span<S: Simd, T: Element>(
         let m = map_of(lo);
         let (mean, a, gmean, k) = (s.splat(m.mean), s.splat(m.a), s.splat(m.gmean), s.splat(m.k));
         for i in (lo..hi).step_by(l) {
-            prefetch_grad(s, inp, i + ahead, ahead);
+            prefetch_grad(s, inp, i, pf);
             let dy = s.load(&inp.dy[i..]);
             let g = match inp.y {
                 Some(y) => s.where_positive(s.load(&y[i..]), dy),
@@ -1770,18 +1820,21 @@ impl<T: Element> Kernel for GradRows<'_, T> {
     fn run<S: Simd>(self, s: S) {
         // the store kind fixed at compile time: as a third run-time choice in the loop
         // (with `y` and `dz`) it cost 7-10 % of a single-thread bf16 cl backward
-        if self.stream {
-            grad_rows::<S, T, true>(s, self);
-            s.fence();
+        let stream = self.stream;
+        with_fetch!(self.ahead, |pf| if stream {
+            grad_rows::<S, T, true>(s, self, pf);
         } else {
-            grad_rows::<S, T, false>(s, self);
+            grad_rows::<S, T, false>(s, self, pf);
+        });
+        if stream {
+            s.fence();
         }
     }
 }
 
 /// [`GradRows`] with the store kind `STREAM` (see [`Simd::put`]).
 #[inline(always)]
-fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>) {
+fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>, pf: impl Fetch) {
     let c = kr.c;
     let l = S::LANES;
     let n = kr.inp.x.len();
@@ -1790,9 +1843,8 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>)
     let (lo, hi) = vector_span::<S, T>(kr.dx, n);
     let mut dz = kr.dz;
     let mut j = lo % c;
-    let ahead = kr.ahead;
     for p in (lo..hi).step_by(l) {
-        prefetch_grad(s, &kr.inp, p + ahead, ahead);
+        prefetch_grad(s, &kr.inp, p, pf);
         let dy = s.load(&kr.inp.dy[p..]);
         let g = match kr.inp.y {
             Some(y) => s.where_positive(s.load(&y[p..]), dy),
@@ -1811,8 +1863,8 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>)
         GradMap { mean: kr.mean[j], a: kr.a[j], gmean: kr.gmean[j], k: kr.k[j] }
     };
     // spans shorter than a vector: grad_span runs them scalar
-    grad_span(s, &kr.inp, &mut *kr.dx, dz.as_deref_mut(), (0, lo, STREAM, ahead), map);
-    grad_span(s, &kr.inp, kr.dx, dz, (hi, n, STREAM, ahead), map);
+    grad_span(s, &kr.inp, &mut *kr.dx, dz.as_deref_mut(), (0, lo, STREAM, pf), map);
+    grad_span(s, &kr.inp, kr.dx, dz, (hi, n, STREAM, pf), map);
 }
 
 #[cfg(test)]
