@@ -116,9 +116,9 @@ const STREAM_L2_MULTIPLE: usize = 4;
 /// when the op's input takes at least this many bytes. Measured here (2 threads, paired
 /// in-process A/B, 2026-11-27): at 98 MiB per tensor the prefetched op took 0.85-0.95x the
 /// time (f32 forward, inference and backward in both layouts; f16/bf16 inference 0.75-0.82,
-/// forward 0.88-0.94, backward 1.00); at 49 MiB and below 0.99-1.03x for f32 and 1.00-1.14x
-/// for f16/bf16, where the data comes from L3 and the 16-bit loops are bound by the core
-/// (the prefetches take load slots).
+/// forward 0.88-0.94, backward 1.00); at 49 MiB and below 0.98-1.03x for f32 and 0.99-1.14x
+/// (geomean 1.05) for f16/bf16, where the data comes from L3 and the 16-bit loops are
+/// bound by the core (the prefetches take load slots).
 const PREFETCH_FROM_BYTES: usize = 64 << 20;
 
 /// Values ahead of the loop's position that a prefetching loop asks for: 4 KiB of f32, 2 KiB
