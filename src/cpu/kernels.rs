@@ -1031,14 +1031,14 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     z: &[T],
     y: &mut [T],
     m: ChannelAffine,
-    stream: (bool, impl Fetch),
+    (stream, pf): (bool, impl Fetch),
 ) {
     let l = S::LANES;
     let n = x.len();
     let (lo, hi) = vector_span::<S, T>(y, n);
     let (mean, scale, shift) = (s.splat(m.mean), s.splat(m.scale), s.splat(m.shift));
     for i in (lo..hi).step_by(l) {
-        norm_vec::<S, T, ADD, RELU>(s, x, z, y, i, (mean, scale, shift), stream);
+        norm_vec::<S, T, ADD, RELU>(s, x, z, y, i, (mean, scale, shift), (stream, pf));
     }
     for i in (0..lo).chain(hi..n) {
         let mut v = (x[i].to_f32() - m.mean).mul_add(m.scale, m.shift);
