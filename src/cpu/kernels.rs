@@ -1334,11 +1334,11 @@ impl<T: Element> Kernel for GradSumRuns<'_, T> {
     type Output = GradSums;
     #[inline(always)]
     fn run<S: Simd>(self, s: S) -> GradSums {
-        if self.inp.y.is_some() {
-            with_fetch!(self.ahead, |pf| grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, (self.mean, pf)))
+        with_fetch!(self.ahead, |pf| if self.inp.y.is_some() {
+            grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, (self.mean, pf))
         } else {
-            with_fetch!(self.ahead, |pf| grad_sums_runs::<S, T, false>(s, &self.inp, self.runs, (self.mean, pf)))
-        }
+            grad_sums_runs::<S, T, false>(s, &self.inp, self.runs, (self.mean, pf))
+        })
     }
 }
 

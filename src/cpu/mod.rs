@@ -428,7 +428,7 @@ pub(crate) fn forward_training<T: Element>(
     let level = dev.simd;
     let Forward { x, z, y, relu } = a;
     let stream = dev.streams(T::DTYPE, y.len());
-    let ahead = dev.prefetch_ahead(T::DTYPE, y.len());
+    let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
     let per_group: Vec<Vec<Moments>> = dev.install(|| {
         groups
@@ -518,7 +518,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
     let threads = dev.threads();
     let Forward { x, z, y, relu } = a;
     let stream = dev.streams(T::DTYPE, y.len());
-    let ahead = dev.prefetch_ahead(T::DTYPE, y.len());
+    let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     dev.install(|| match shape.pattern() {
         Pattern::Planes { s, .. } => {
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
