@@ -31,12 +31,11 @@
 
 use crate::buffer::{Buf, BufMut, Location};
 use crate::config::{Activation, Config, RunningStats};
-use crate::cpu::{self, GradMap};
+use crate::cpu::{self, GradMap, Scratch};
 use crate::device::{Backend, Device};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
-use crate::stats::Moments;
 use crate::validate;
 
 /// The running statistics a training forward updates: mean, variance (f32, C each) and
@@ -351,6 +350,7 @@ pub fn backward<T: Element>(dev: &Device, shape: &Shape, cfg: &Config, a: Backwa
 // ---------------------------------------------------------------- shared per-channel math
 
 /// `1 / sqrt(var + eps)` in f64.
+#[inline(always)]
 pub(crate) fn invstd(var: f64, eps: f32) -> f64 {
     1.0 / (var + eps as f64).sqrt()
 }
@@ -417,23 +417,25 @@ fn cpu_forward_training<T: Element>(
     let saved_invstd = opt_host_mut("saved_invstd", a.saved_invstd)?;
 
     let relu = cfg.activation == Activation::Relu;
-    let affine = |ch: usize, m: &Moments| {
-        let is = invstd(m.var_biased(), cfg.eps);
-        cpu::ChannelAffine {
-            mean: m.mean as f32,
-            scale: (w.map_or(1.0, |w| w[ch] as f64) * is) as f32,
-            shift: b.map_or(0.0, |b| b[ch]),
-        }
+    // channels `first..` from their moments
+    let affine = |first: usize, t: &cpu::Totals| {
+        let is = t.invstd(cfg.eps);
+        let map = |j: usize| cpu::ChannelAffine {
+            mean: t.mean[j] as f32,
+            scale: (w.map_or(1.0, |w| w[first + j] as f64) * is[j]) as f32,
+            shift: b.map_or(0.0, |b| b[first + j]),
+        };
+        Scratch::collect(t.len(), (0..t.len()).map(map))
     };
     let moments = cpu::forward_training(dev, shape, cpu::Forward { x, z, y, relu }, affine);
     if let Some((rm, rv, tracked)) = running {
         update_running(cfg.running_stats, shape.m(), &moments, rm, rv, tracked);
     }
     if let Some(s) = saved_mean {
-        s.iter_mut().zip(&moments).for_each(|(s, m)| *s = m.mean as f32);
+        s.iter_mut().zip(moments.mean.iter()).for_each(|(s, &m)| *s = m as f32);
     }
     if let Some(s) = saved_invstd {
-        s.iter_mut().zip(&moments).for_each(|(s, m)| *s = invstd(m.var_biased(), cfg.eps) as f32);
+        s.iter_mut().zip(moments.invstd(cfg.eps).iter()).for_each(|(s, &is)| *s = is as f32);
     }
     Ok(())
 }
@@ -442,13 +444,14 @@ fn cpu_forward_training<T: Element>(
 pub(crate) fn update_running(
     conv: RunningStats,
     m: usize,
-    moments: &[Moments],
+    moments: &cpu::Totals,
     rm: &mut [f32],
     rv: &mut [f32],
     tracked: &mut u64,
 ) {
-    for (ch, mo) in moments.iter().enumerate() {
-        (rm[ch], rv[ch]) = running_update(conv, *tracked, m, (rm[ch], rv[ch]), mo.mean, mo.var_biased());
+    for ch in 0..moments.len() {
+        let (mean, var) = (moments.mean[ch], moments.var_biased(ch));
+        (rm[ch], rv[ch]) = running_update(conv, *tracked, m, (rm[ch], rv[ch]), mean, var);
     }
     *tracked += 1;
 }
@@ -467,13 +470,14 @@ fn cpu_forward_inference<T: Element>(
     let rm = host("running_mean", a.running_mean)?;
     let rv = host("running_var", a.running_var)?;
     let c = shape.c();
-    let maps: Vec<cpu::ChannelAffine> = (0..c)
-        .map(|ch| cpu::ChannelAffine {
+    let maps = Scratch::collect(
+        c,
+        (0..c).map(|ch| cpu::ChannelAffine {
             mean: rm[ch],
             scale: (w.map_or(1.0, |w| w[ch] as f64) * invstd(rv[ch] as f64, cfg.eps)) as f32,
             shift: b.map_or(0.0, |b| b[ch]),
-        })
-        .collect();
+        }),
+    );
     let relu = cfg.activation == Activation::Relu;
     cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, &maps);
     Ok(())
@@ -489,16 +493,17 @@ fn cpu_backward<T: Element>(dev: &cpu::CpuDevice, shape: &Shape, cfg: &Config, a
     let dweight = opt_host_mut("dweight", a.dweight)?;
     let dbias = opt_host_mut("dbias", a.dbias)?;
     let c = shape.c();
-    let (mean, inv, training): (Vec<f32>, Vec<f64>, bool) = match a.stats {
+    let (mean, inv, training) = match a.stats {
         BackwardStats::Saved { mean, invstd } => {
             let mean = host("saved_mean", mean)?;
             let inv = host("saved_invstd", invstd)?;
-            (mean.to_vec(), inv.iter().map(|&v| v as f64).collect(), true)
+            (Scratch::collect(c, mean.iter().copied()), Scratch::collect(c, inv.iter().map(|&v| v as f64)), true)
         }
         BackwardStats::Running { mean, var } => {
             let mean = host("running_mean", mean)?;
             let var = host("running_var", var)?;
-            (mean.to_vec(), var.iter().map(|&v| invstd(v as f64, cfg.eps) as f32 as f64).collect(), false)
+            let inv = var.iter().map(|&v| invstd(v as f64, cfg.eps) as f32 as f64);
+            (Scratch::collect(c, mean.iter().copied()), Scratch::collect(c, inv), false)
         }
     };
     let m = shape.m() as f64;
@@ -514,10 +519,13 @@ fn cpu_backward<T: Element>(dev: &cpu::CpuDevice, shape: &Shape, cfg: &Config, a
         cpu::backward(dev, shape, args, &mean, grad)
     } else {
         // frozen statistics: dx = g * w * invstd, the sums only feed dweight / dbias
-        let sums =
-            if dweight.is_some() || dbias.is_some() { cpu::grad_sums(dev, shape, dy, x, y, &mean) } else { Vec::new() };
-        let maps: Vec<GradMap> =
-            (0..c).map(|ch| GradMap { mean: mean[ch], a: wi(ch) as f32, gmean: 0.0, k: 0.0 }).collect();
+        let sums = if dweight.is_some() || dbias.is_some() {
+            cpu::grad_sums(dev, shape, dy, x, y, &mean)
+        } else {
+            Scratch::with_capacity(0)
+        };
+        let maps =
+            Scratch::collect(c, (0..c).map(|ch| GradMap { mean: mean[ch], a: wi(ch) as f32, gmean: 0.0, k: 0.0 }));
         cpu::grad_input(dev, shape, args, &maps);
         sums
     };

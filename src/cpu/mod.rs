@@ -6,6 +6,7 @@
 
 mod kernels;
 mod partition;
+mod scratch;
 pub(crate) mod simd;
 
 use crate::dtype::{DType, Element};
@@ -273,14 +274,15 @@ impl<T> Backward<'_, T> {
 // ---------------------------------------------------------------- statistics
 
 /// Per-channel moments of `x` (f32 Welford in chunks, merged in f64).
-pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Vec<Moments> {
+pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Totals {
     let level = dev.simd;
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let threads = dev.threads();
     dev.install(|| match shape.pattern() {
         Pattern::Planes { n, c, s } => {
             let split = Split::runs(n, c, s, threads);
-            let parts: Vec<Moments> = (0..c * split.parts)
+            let mut parts = Scratch::with_capacity(c * split.parts);
+            (0..c * split.parts)
                 .into_par_iter()
                 .map(|task| {
                     let (ch, range) = split.task(task);
@@ -288,53 +290,35 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Ve
                     // every task of a channel shifts by the channel's first value
                     dispatch(level, RunMomentsKernel { x, runs, shift: x[ch * s].to_f32(), ahead })
                 })
-                .collect();
+                .collect_into_vec(parts.vec());
             merge_moments(c, split.parts, &parts)
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_reduce_task(rows, c, threads);
-            let parts: Vec<Vec<Moments>> = x
+            let parts: Vec<Totals> = x
                 .par_chunks(rows_per * c)
                 .map(|block| {
-                    let shift: Vec<f32> = x[..c].iter().map(|v| v.to_f32()).collect();
-                    let mut acc = RowMoments::new(shift);
+                    let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().map(|v| v.to_f32())));
                     dispatch(level, RowMomentsKernel { acc: &mut acc, x: block });
                     acc.finish()
                 })
                 .collect();
-            merge_rows(c, &parts, |o, m| o.merge(m))
+            // merged in task order, so the result does not depend on scheduling
+            let mut total = Totals::new(c);
+            parts.iter().for_each(|p| total.merge(p));
+            total
         }
     })
 }
 
-/// Merge per-task, per-channel partials (in task order, so the result does not depend on
-/// scheduling), in parallel over channels.
-fn merge_rows<P: Default + Clone + Send + Sync>(
-    c: usize,
-    parts: &[Vec<P>],
-    merge: impl Fn(&mut P, &P) + Sync,
-) -> Vec<P> {
-    (0..c)
-        .into_par_iter()
-        .with_min_len(1024)
-        .map(|ch| {
-            let mut o = P::default();
-            parts.iter().for_each(|p| merge(&mut o, &p[ch]));
-            o
-        })
-        .collect()
-}
-
-fn merge_moments(c: usize, parts: usize, partial: &[Moments]) -> Vec<Moments> {
-    (0..c)
-        .map(|ch| {
-            let mut m = Moments::default();
-            for p in &partial[ch * parts..(ch + 1) * parts] {
-                m.merge(p);
-            }
-            m
-        })
-        .collect()
+/// Merge the `parts` partials of each channel (channel-major, in task order).
+fn merge_moments(c: usize, parts: usize, partial: &[Moments]) -> Totals {
+    let merged = partial.chunks_exact(parts).map(|p| {
+        let mut m = Moments::default();
+        p.iter().for_each(|p| m.merge(p));
+        m
+    });
+    Totals::from_moments(c, merged)
 }
 
 // ---------------------------------------------------------------- fused, cache-blocked paths
@@ -410,38 +394,41 @@ impl Fused {
     }
 }
 
-/// Training forward: per-channel moments, then `y` with the map `affine(channel, moments)`.
+/// Training forward: per-channel moments, then `y` with per-channel maps: `affine(first, t)`
+/// returns the maps of channels `first..first + t.len()` from their moments `t`.
 /// Channels-first data with small channels takes the fused path ([`Fused`]); the rest runs
 /// as two passes.
 pub(crate) fn forward_training<T: Element>(
     dev: &CpuDevice,
     shape: &Shape,
     a: Forward<'_, T>,
-    affine: impl Fn(usize, &Moments) -> ChannelAffine + Sync,
-) -> Vec<Moments> {
+    affine: impl Fn(usize, &Totals) -> Scratch<ChannelAffine> + Sync,
+) -> Totals {
     let Some(f) = Fused::plan::<T>(shape, dev.threads(), 2) else {
-        let moments = moments(dev, shape, a.x);
-        let maps: Vec<ChannelAffine> = moments.iter().enumerate().map(|(ch, m)| affine(ch, m)).collect();
-        normalize(dev, shape, a, &maps);
-        return moments;
+        // one hand-over to the pool for both passes (the inner `install`s run in place)
+        return dev.install(|| {
+            let moments = moments(dev, shape, a.x);
+            normalize(dev, shape, a, &affine(0, &moments));
+            moments
+        });
     };
     let level = dev.simd;
     let Forward { x, z, y, relu } = a;
     let stream = dev.streams(T::DTYPE, y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
-    let per_group: Vec<Vec<Moments>> = dev.install(|| {
+    let per_group: Vec<Totals> = dev.install(|| {
         groups
             .into_par_iter()
             .enumerate()
             .map(|(k, ys)| {
-                let moments: Vec<Moments> = f
-                    .channels(k)
-                    .map(|ch| {
+                let moments = Totals::from_moments(
+                    f.g,
+                    f.channels(k).map(|ch| {
                         dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32(), ahead })
-                    })
-                    .collect();
-                let maps: Vec<ChannelAffine> = f.channels(k).zip(&moments).map(|(ch, m)| affine(ch, m)).collect();
+                    }),
+                );
+                let maps = affine(f.channels(k).start, &moments);
                 let mut slabs: Vec<NormSlab<'_, T>> = ys
                     .into_iter()
                     .enumerate()
@@ -452,7 +439,7 @@ pub(crate) fn forward_training<T: Element>(
             })
             .collect()
     });
-    per_group.concat()
+    Totals::concat(&per_group)
 }
 
 /// Backward with batch statistics: per-channel sums, then `dx` (and `dz`) with the map
@@ -463,12 +450,14 @@ pub(crate) fn backward<T: Element>(
     a: Backward<'_, T>,
     mean: &[f32],
     grad: impl Fn(usize, &GradSums) -> GradMap + Sync,
-) -> Vec<GradSums> {
+) -> Scratch<GradSums> {
     let Some(f) = Fused::plan::<T>(shape, dev.threads(), 3) else {
-        let sums = grad_sums(dev, shape, a.dy, a.x, a.y, mean);
-        let maps: Vec<GradMap> = sums.iter().enumerate().map(|(ch, g)| grad(ch, g)).collect();
-        grad_input(dev, shape, a, &maps);
-        return sums;
+        return dev.install(|| {
+            let sums = grad_sums(dev, shape, a.dy, a.x, a.y, mean);
+            let maps = Scratch::collect(sums.len(), sums.iter().enumerate().map(|(ch, g)| grad(ch, g)));
+            grad_input(dev, shape, a, &maps);
+            sums
+        });
     };
     let level = dev.simd;
     let stream = dev.streams(T::DTYPE, a.outputs());
@@ -507,7 +496,7 @@ pub(crate) fn backward<T: Element>(
             })
             .collect()
     });
-    per_group.concat()
+    Scratch::collect(f.c, per_group.into_iter().flatten())
 }
 
 // ---------------------------------------------------------------- normalize
@@ -568,33 +557,33 @@ pub(crate) fn grad_sums<T: Element>(
     x: &[T],
     y: Option<&[T]>,
     mean: &[f32],
-) -> Vec<GradSums> {
+) -> Scratch<GradSums> {
     let level = dev.simd;
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let threads = dev.threads();
     dev.install(|| match shape.pattern() {
         Pattern::Planes { n, c, s } => {
             let split = Split::runs(n, c, s, threads);
-            let parts: Vec<GradSums> = (0..c * split.parts)
+            let mut parts = Scratch::with_capacity(c * split.parts);
+            (0..c * split.parts)
                 .into_par_iter()
                 .map(|task| {
                     let (ch, range) = split.task(task);
                     let runs = Runs::planes(c, s, ch, range);
                     dispatch(level, GradSumRuns { inp: GradRun { dy, x, y }, runs, mean: mean[ch], ahead })
                 })
-                .collect();
-            (0..c)
-                .map(|ch| {
-                    let mut g = GradSums::default();
-                    parts[ch * split.parts..(ch + 1) * split.parts].iter().for_each(|p| g.add(p));
-                    g
-                })
-                .collect()
+                .collect_into_vec(parts.vec());
+            let merged = parts.chunks_exact(split.parts).map(|p| {
+                let mut g = GradSums::default();
+                p.iter().for_each(|p| g.add(p));
+                g
+            });
+            Scratch::collect(c, merged)
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_reduce_task(rows, c, threads);
             let block = rows_per * c;
-            let parts: Vec<Vec<GradSums>> = (0..rows.div_ceil(rows_per))
+            let parts: Vec<SumTotals> = (0..rows.div_ceil(rows_per))
                 .into_par_iter()
                 .map(|t| {
                     let lo = t * block;
@@ -602,7 +591,9 @@ pub(crate) fn grad_sums<T: Element>(
                     dispatch(level, GradSumRows { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]), mean })
                 })
                 .collect();
-            merge_rows(c, &parts, |o, g| o.add(g))
+            let mut total = SumTotals::new(c);
+            parts.iter().for_each(|p| total.add(p));
+            total.sums()
         }
     })
 }
@@ -663,7 +654,8 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     })
 }
 
-pub(crate) use kernels::{ChannelAffine, GradMap, GradSums};
+pub(crate) use kernels::{ChannelAffine, GradMap, GradSums, Totals};
+pub(crate) use scratch::Scratch;
 
 #[cfg(test)]
 mod tests {
