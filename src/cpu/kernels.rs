@@ -521,28 +521,40 @@ impl Totals {
         out
     }
 
-    /// Chan-merge `o` (the same channels) into these totals. Both count the same values
-    /// for every channel, so the count ratios are computed once and the loop over the
-    /// channels vectorizes; the results are bit for bit those of [`Moments::merge`].
+    /// Chan-merge `o` (the same channels) into these totals (see [`Totals::merge_with`]).
     pub(crate) fn merge(&mut self, o: &Totals) {
-        if o.count == 0.0 {
+        let c = self.len();
+        let (mean, m2) = (&o.mean[..c], &o.m2[..c]);
+        self.merge_with(o.count, |j| (mean[j], m2[j]));
+    }
+
+    /// Chan-merge `n` more values of every channel, channel `j`'s with mean and m2
+    /// `part(j)`. Every channel has the same count, so the merge's two count ratios (one
+    /// division) are computed once, and the loop over the channels is straight-line f64
+    /// arithmetic on arrays that the compiler vectorizes (with the kernel's instruction set
+    /// inside a kernel). The results are bit for bit those of [`Moments::merge`].
+    #[inline(always)]
+    fn merge_with(&mut self, n: f64, part: impl Fn(usize) -> (f64, f64)) {
+        if n == 0.0 {
             return;
         }
-        let c = self.mean.len();
-        let (tm, tq, om, oq) = (&mut self.mean[..c], &mut self.m2[..c], &o.mean[..c], &o.m2[..c]);
+        let c = self.len();
+        let (tm, tq) = (&mut self.mean[..c], &mut self.m2[..c]);
         if self.count == 0.0 {
-            tm.copy_from_slice(om);
-            tq.copy_from_slice(oq);
-        } else {
-            let count = self.count + o.count;
-            let (fb, fab) = (o.count / count, self.count * o.count / count);
             for j in 0..c {
-                let d = om[j] - tm[j];
+                (tm[j], tq[j]) = part(j);
+            }
+        } else {
+            let count = self.count + n;
+            let (fb, fab) = (n / count, self.count * n / count);
+            for j in 0..c {
+                let (mean, m2) = part(j);
+                let d = mean - tm[j];
                 tm[j] += d * fb;
-                tq[j] += oq[j] + d * d * fab;
+                tq[j] += m2 + d * d * fab;
             }
         }
-        self.count += o.count;
+        self.count += n;
     }
 
     /// Channel `j` as a [`Moments`].
@@ -746,34 +758,18 @@ fn flush_sets(acc: &mut RowMoments, mean: &mut [f32], m2: &mut [f32], steps: usi
 }
 
 /// Chan-merge per-channel f32 moments of `n` values each (`mean[j]`, `m2[j]`) into the f64
-/// totals, and zero them. Every channel has the same count, so the merge's two count
-/// ratios (one division) are computed once per flush, and the loop over the channels is
-/// straight-line f64 arithmetic on arrays that the compiler vectorizes with the kernel's
-/// instruction set (the scalar fold over `Moments` structs was 7-9 % of a bf16
-/// channels-last forward). The results are bit for bit those of [`Moments::merge`].
+/// totals ([`Totals::merge_with`]: vectorized, bit for bit [`Moments::merge`]; the scalar
+/// fold over `Moments` structs was 7-9 % of a bf16 channels-last forward), and zero them.
 #[inline(always)]
 fn merge_lanes(total: &mut Totals, n: f64, mean: &mut [f32], m2: &mut [f32]) {
     if n == 0.0 {
         return;
     }
-    let c = total.mean.len();
-    let (tm, tq, mean, m2) = (&mut total.mean[..c], &mut total.m2[..c], &mut mean[..c], &mut m2[..c]);
-    if total.count == 0.0 {
-        for j in 0..c {
-            (tm[j], tq[j]) = (mean[j] as f64, m2[j] as f64);
-            (mean[j], m2[j]) = (0.0, 0.0);
-        }
-    } else {
-        let count = total.count + n;
-        let (fb, fab) = (n / count, total.count * n / count);
-        for j in 0..c {
-            let d = mean[j] as f64 - tm[j];
-            tm[j] += d * fb;
-            tq[j] += m2[j] as f64 + d * d * fab;
-            (mean[j], m2[j]) = (0.0, 0.0);
-        }
-    }
-    total.count += n;
+    let c = total.len();
+    let (mean, m2) = (&mut mean[..c], &mut m2[..c]);
+    total.merge_with(n, |j| (mean[j] as f64, m2[j] as f64));
+    mean.fill(0.0);
+    m2.fill(0.0);
 }
 
 /// One tile of `W` vectors at channel `col` over a sub-block of row pairs.
