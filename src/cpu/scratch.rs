@@ -106,8 +106,11 @@ impl<T: 'static> Drop for Scratch<T> {
 }
 
 /// An empty vector with room for `capacity` values: the smallest of that type in the pool
-/// that is big enough, else a new one.
+/// that is big enough, else a new one (an empty request takes nothing from the pool).
 fn take<T: 'static>(capacity: usize) -> Vec<T> {
+    if capacity == 0 {
+        return Vec::new();
+    }
     let pooled = POOL
         .try_with(|p| {
             let mut p = p.borrow_mut();
@@ -153,6 +156,9 @@ mod tests {
             assert_eq!(f.as_ptr(), at, "the smallest that fits");
             let e = Scratch::collect(3, [1u8, 2, 3]);
             assert_eq!(&e[..], &[1, 2, 3]);
+            drop((d, f));
+            let none: Scratch<f32> = Scratch::with_capacity(0);
+            assert_eq!(none.capacity(), 0, "an empty request must not take a pooled buffer");
         })
         .join()
         .unwrap();
