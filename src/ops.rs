@@ -450,8 +450,8 @@ pub(crate) fn update_running(
     tracked: &mut u64,
 ) {
     for ch in 0..moments.len() {
-        let (mean, var) = (moments.mean[ch], moments.var_biased(ch));
-        (rm[ch], rv[ch]) = running_update(conv, *tracked, m, (rm[ch], rv[ch]), mean, var);
+        let mo = moments.get(ch);
+        (rm[ch], rv[ch]) = running_update(conv, *tracked, m, (rm[ch], rv[ch]), mo.mean, mo.var_biased());
     }
     *tracked += 1;
 }

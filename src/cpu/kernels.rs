@@ -495,30 +495,16 @@ impl Totals {
         t
     }
 
-    /// Biased variance of channel `j` (as [`Moments::var_biased`]).
+    /// Channel `j` as a [`Moments`].
     #[inline(always)]
-    pub(crate) fn var_biased(&self, j: usize) -> f64 {
-        if self.count > 0.0 {
-            (self.m2[j] / self.count).max(0.0)
-        } else {
-            0.0
-        }
+    pub(crate) fn get(&self, j: usize) -> Moments {
+        Moments { count: self.count, mean: self.mean[j], m2: self.m2[j] }
     }
 
-    /// `ops::invstd` of [`Totals::var_biased`] of every channel, in one loop that
-    /// vectorizes.
+    /// `ops::invstd` of every channel's biased variance, in one loop over the arrays
+    /// (vectorized: packed square roots and divisions).
     pub(crate) fn invstd(&self, eps: f32) -> Scratch<f64> {
-        let c = self.len();
-        let mut out = Scratch::filled(c, 0.0);
-        let (m2, o) = (&self.m2[..c], &mut out[..c]);
-        if self.count > 0.0 {
-            for j in 0..c {
-                o[j] = crate::ops::invstd((m2[j] / self.count).max(0.0), eps);
-            }
-        } else {
-            o.fill(crate::ops::invstd(0.0, eps));
-        }
-        out
+        Scratch::collect(self.len(), (0..self.len()).map(|j| crate::ops::invstd(self.get(j).var_biased(), eps)))
     }
 
     /// Chan-merge `o` (the same channels) into these totals (see [`Totals::merge_with`]).
@@ -555,12 +541,6 @@ impl Totals {
             }
         }
         self.count += n;
-    }
-
-    /// Channel `j` as a [`Moments`].
-    #[cfg(test)]
-    pub(crate) fn get(&self, j: usize) -> Moments {
-        Moments { count: self.count, mean: self.mean[j], m2: self.m2[j] }
     }
 }
 
