@@ -261,7 +261,7 @@ pub fn forward_training<T: Element>(
     validate::opt_output("saved_mean", a.saved_mean.as_ref(), c, at)?;
     validate::opt_output("saved_invstd", a.saved_invstd.as_ref(), c, at)?;
     match dev.backend() {
-        Backend::Cpu(cpu) => cpu_forward_training(cpu, shape, cfg, a),
+        Backend::Cpu(cpu) => cpu_forward_training(&cpu.for_op(shape.numel()), shape, cfg, a),
         #[cfg(feature = "cuda")]
         Backend::Cuda(g) => crate::cuda::ops::forward_training(g, shape, cfg, a),
     }
@@ -289,7 +289,7 @@ pub fn forward_inference<T: Element>(
     validate::finite("running_mean", a.running_mean.as_host())?;
     validate::variance("running_var", a.running_var.as_host())?;
     match dev.backend() {
-        Backend::Cpu(cpu) => cpu_forward_inference(cpu, shape, cfg, a),
+        Backend::Cpu(cpu) => cpu_forward_inference(&cpu.for_op(shape.numel()), shape, cfg, a),
         #[cfg(feature = "cuda")]
         Backend::Cuda(g) => crate::cuda::ops::forward_inference(g, shape, cfg, a),
     }
@@ -341,7 +341,7 @@ pub fn backward<T: Element>(dev: &Device, shape: &Shape, cfg: &Config, a: Backwa
     validate::opt_output("dweight", a.dweight.as_ref(), c, at)?;
     validate::opt_output("dbias", a.dbias.as_ref(), c, at)?;
     match dev.backend() {
-        Backend::Cpu(cpu) => cpu_backward(cpu, shape, cfg, a),
+        Backend::Cpu(cpu) => cpu_backward(&cpu.for_op(shape.numel()), shape, cfg, a),
         #[cfg(feature = "cuda")]
         Backend::Cuda(g) => crate::cuda::ops::backward(g, shape, cfg, a),
     }

@@ -1,4 +1,5 @@
-//! The CPU backend: rayon threads over channels and over M, SIMD kernels chosen at run time.
+//! The CPU backend: rayon threads over channels and over M (small ops on the calling
+//! thread), SIMD kernels chosen at run time.
 //!
 //! Everything here runs after validation (`crate::validate`): lengths are right, per-channel
 //! slices have C entries, and nothing can fail any more, so outputs are either fully
@@ -26,7 +27,8 @@ use std::sync::Arc;
 /// The ops' per-channel temporaries (accumulators, partial statistics, parameter arrays)
 /// come from per-thread pools that keep freed buffers for the next op, so a steady stream
 /// of ops does not allocate: each thread that ran or called an op holds at most 16 MiB of
-/// them (32 buffers of at most 4 MiB) until it exits.
+/// them (32 buffers of at most 4 MiB) until it exits. Ops on fewer than [`INLINE_BELOW`]
+/// values run on the calling thread ([`CpuDevice::with_inline_below`]).
 ///
 /// ```
 /// use bnorm::cpu::{CpuDevice, SimdLevel};
@@ -42,6 +44,10 @@ pub struct CpuDevice {
     stores: Stores,
     /// software prefetching forced on or off (tests); `None`: by size
     prefetch: Option<bool>,
+    /// ops on fewer values run on the calling thread ([`CpuDevice::with_inline_below`])
+    inline_below: usize,
+    /// this op runs on the calling thread (set per op by [`CpuDevice::for_op`])
+    inline: bool,
 }
 
 impl std::fmt::Debug for CpuDevice {
@@ -51,6 +57,7 @@ impl std::fmt::Debug for CpuDevice {
             .field("simd", &self.simd)
             .field("stores", &self.stores)
             .field("prefetch", &self.prefetch)
+            .field("inline_below", &self.inline_below)
             .finish()
     }
 }
@@ -131,6 +138,10 @@ const PREFETCH_FROM_BYTES: usize = 64 << 20;
 /// of f16/bf16 (each the better of 1, 2 and 4 KiB in the same measurement).
 const PREFETCH_AHEAD: usize = 1024;
 
+/// Ops on fewer values than this run on the calling thread by default
+/// ([`CpuDevice::with_inline_below`]).
+pub const INLINE_BELOW: usize = 1 << 15;
+
 impl Default for CpuDevice {
     fn default() -> Self {
         CpuDevice::new()
@@ -151,7 +162,7 @@ impl CpuDevice {
             .filter(|l| l.is_supported())
             .unwrap_or(best);
         let stores = std::env::var("BNORM_CPU_STORES").ok().and_then(|v| v.parse::<Stores>().ok()).unwrap_or_default();
-        CpuDevice { pool: None, simd, stores, prefetch: None }
+        CpuDevice { pool: None, simd, stores, prefetch: None, inline_below: INLINE_BELOW, inline: false }
     }
 
     /// Write outputs as `stores` says (see [`Stores`]).
@@ -241,11 +252,71 @@ impl CpuDevice {
         }
     }
 
-    /// Run `f` inside this device's thread pool (rayon calls in `f` use its threads).
+    /// Run ops on fewer than `values` values (elements of `x`) on the calling thread
+    /// instead of the pool ([`INLINE_BELOW`] by default; 0: always the pool).
+    ///
+    /// Handing an op to the pool and waiting for it costs a few microseconds (waking
+    /// threads), more than a small op's work: a 1x64x7x7 f32 inference took 6-9 us on
+    /// the pool and under 1 us on the calling thread. An inlined op cuts its work into the
+    /// same tasks in the same order as on the pool, so its results are the same, bit for
+    /// bit.
+    ///
+    /// ```
+    /// use bnorm::cpu::{CpuDevice, INLINE_BELOW};
+    /// assert_eq!(CpuDevice::new().inline_below(), INLINE_BELOW);
+    /// let pooled = CpuDevice::new().with_inline_below(0);
+    /// assert_eq!(pooled.inline_below(), 0);
+    /// ```
+    pub fn with_inline_below(mut self, values: usize) -> CpuDevice {
+        self.inline_below = values;
+        self
+    }
+
+    /// Ops on fewer values than this run on the calling thread.
+    pub fn inline_below(&self) -> usize {
+        self.inline_below
+    }
+
+    /// This device for one op on `values` values: inline below the threshold.
+    pub(crate) fn for_op(&self, values: usize) -> CpuDevice {
+        CpuDevice { inline: values < self.inline_below, ..self.clone() }
+    }
+
+    /// Run `f` inside this device's thread pool (rayon calls in `f` use its threads), or
+    /// right here for an inline op.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
-            Some(p) => p.install(f),
-            None => f(),
+            Some(p) if !self.inline => p.install(f),
+            _ => f(),
+        }
+    }
+
+    /// `f(0), .., f(n - 1)` in order into `out`: tasks on the pool, or one after the other
+    /// on this thread for an inline op.
+    fn map_tasks<R: Send>(&self, n: usize, f: impl Fn(usize) -> R + Sync + Send, out: &mut Vec<R>) {
+        if self.inline {
+            out.clear();
+            out.extend((0..n).map(f));
+        } else {
+            (0..n).into_par_iter().map(f).collect_into_vec(out);
+        }
+    }
+
+    /// `f(k, items[k])` for every item, results in order, as [`map_tasks`](Self::map_tasks).
+    fn map_items<I: Send, R: Send>(&self, items: Vec<I>, f: impl Fn(usize, I) -> R + Sync + Send) -> Vec<R> {
+        if self.inline {
+            items.into_iter().enumerate().map(|(k, i)| f(k, i)).collect()
+        } else {
+            items.into_par_iter().enumerate().map(|(k, i)| f(k, i)).collect()
+        }
+    }
+
+    /// `f(t, piece t)` for the `chunk`-long pieces of `buf`, as [`map_tasks`](Self::map_tasks).
+    fn for_chunks<T: Send>(&self, buf: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+        if self.inline {
+            buf.chunks_mut(chunk).enumerate().for_each(|(t, b)| f(t, b));
+        } else {
+            buf.par_chunks_mut(chunk).enumerate().for_each(|(t, b)| f(t, b));
         }
     }
 }
@@ -287,27 +358,25 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> To
         Pattern::Planes { n, c, s } => {
             let split = Split::runs(n, c, s, threads);
             let mut parts = Scratch::with_capacity(c * split.parts);
-            (0..c * split.parts)
-                .into_par_iter()
-                .map(|task| {
-                    let (ch, range) = split.task(task);
-                    let runs = Runs::planes(c, s, ch, range);
-                    // every task of a channel shifts by the channel's first value
-                    dispatch(level, RunMomentsKernel { x, runs, shift: x[ch * s].to_f32(), ahead })
-                })
-                .collect_into_vec(parts.vec());
+            let task = |task| {
+                let (ch, range) = split.task(task);
+                let runs = Runs::planes(c, s, ch, range);
+                // every task of a channel shifts by the channel's first value
+                dispatch(level, RunMomentsKernel { x, runs, shift: x[ch * s].to_f32(), ahead })
+            };
+            dev.map_tasks(c * split.parts, task, parts.vec());
             merge_moments(c, split.parts, &parts)
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_reduce_task(rows, c, threads);
-            let parts: Vec<Totals> = x
-                .par_chunks(rows_per * c)
-                .map(|block| {
-                    let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().map(|v| v.to_f32())));
-                    dispatch(level, RowMomentsKernel { acc: &mut acc, x: block });
-                    acc.finish()
-                })
-                .collect();
+            let block = rows_per * c;
+            let mut parts = Vec::new();
+            let task = |t: usize| {
+                let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().map(|v| v.to_f32())));
+                dispatch(level, RowMomentsKernel { acc: &mut acc, x: &x[t * block..((t + 1) * block).min(x.len())] });
+                acc.finish()
+            };
+            dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
             // merged in task order, so the result does not depend on scheduling
             let mut total = Totals::new(c);
             parts.iter().for_each(|p| total.merge(p));
@@ -423,26 +492,22 @@ pub(crate) fn forward_training<T: Element>(
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
     let per_group: Vec<Totals> = dev.install(|| {
-        groups
-            .into_par_iter()
-            .enumerate()
-            .map(|(k, ys)| {
-                let moments = Totals::from_moments(
-                    f.g,
-                    f.channels(k).map(|ch| {
-                        dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32(), ahead })
-                    }),
-                );
-                let maps = affine(f.channels(k).start, &moments);
-                let mut slabs: Vec<NormSlab<'_, T>> = ys
-                    .into_iter()
-                    .enumerate()
-                    .map(|(ni, y)| NormSlab { x: f.slab(x, k, ni), z: z.map(|z| f.slab(z, k, ni)), y, first: 0 })
-                    .collect();
-                dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu, stream, ahead });
-                moments
-            })
-            .collect()
+        dev.map_items(groups, |k, ys: Vec<&mut [T]>| {
+            let moments = Totals::from_moments(
+                f.g,
+                f.channels(k).map(|ch| {
+                    dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32(), ahead })
+                }),
+            );
+            let maps = affine(f.channels(k).start, &moments);
+            let mut slabs: Vec<NormSlab<'_, T>> = ys
+                .into_iter()
+                .enumerate()
+                .map(|(ni, y)| NormSlab { x: f.slab(x, k, ni), z: z.map(|z| f.slab(z, k, ni)), y, first: 0 })
+                .collect();
+            dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu, stream, ahead });
+            moments
+        })
     });
     Totals::concat(&per_group)
 }
@@ -469,37 +534,33 @@ pub(crate) fn backward<T: Element>(
     let ahead = dev.prefetch_ahead(T::DTYPE, a.x.len());
     let Backward { x, y, dy, dx, dz } = a;
     let dx_groups = f.slabs(dx);
-    let mut dz_groups: Vec<Option<Vec<&mut [T]>>> = match dz {
+    let dz_groups: Vec<Option<Vec<&mut [T]>>> = match dz {
         Some(dz) => f.slabs(dz).into_iter().map(Some).collect(),
         None => (0..f.groups()).map(|_| None).collect(),
     };
+    let groups: Vec<_> = dx_groups.into_iter().zip(dz_groups).collect();
     let per_group: Vec<Vec<GradSums>> = dev.install(|| {
-        dx_groups
-            .into_par_iter()
-            .zip(dz_groups.par_iter_mut())
-            .enumerate()
-            .map(|(k, (dxs, dzs))| {
-                let inp = GradRun { dy, x, y };
-                let sums: Vec<GradSums> = f
-                    .channels(k)
-                    .map(|ch| dispatch(level, GradSumRuns { inp, runs: f.runs(ch), mean: mean[ch], ahead }))
-                    .collect();
-                let maps: Vec<GradMap> = f.channels(k).zip(&sums).map(|(ch, g)| grad(ch, g)).collect();
-                let mut dzs = dzs.take().map(|v| v.into_iter());
-                let mut slabs: Vec<GradSlab<'_, T>> = dxs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(ni, dx)| GradSlab {
-                        inp: GradRun { dy: f.slab(dy, k, ni), x: f.slab(x, k, ni), y: y.map(|y| f.slab(y, k, ni)) },
-                        dx,
-                        dz: dzs.as_mut().and_then(|it| it.next()),
-                        first: 0,
-                    })
-                    .collect();
-                dispatch(level, GradSlabs { slabs: &mut slabs, run: f.s, maps: &maps, stream, ahead });
-                sums
-            })
-            .collect()
+        dev.map_items(groups, |k, (dxs, dzs): (Vec<&mut [T]>, Option<Vec<&mut [T]>>)| {
+            let inp = GradRun { dy, x, y };
+            let sums: Vec<GradSums> = f
+                .channels(k)
+                .map(|ch| dispatch(level, GradSumRuns { inp, runs: f.runs(ch), mean: mean[ch], ahead }))
+                .collect();
+            let maps: Vec<GradMap> = f.channels(k).zip(&sums).map(|(ch, g)| grad(ch, g)).collect();
+            let mut dzs = dzs.map(|v| v.into_iter());
+            let mut slabs: Vec<GradSlab<'_, T>> = dxs
+                .into_iter()
+                .enumerate()
+                .map(|(ni, dx)| GradSlab {
+                    inp: GradRun { dy: f.slab(dy, k, ni), x: f.slab(x, k, ni), y: y.map(|y| f.slab(y, k, ni)) },
+                    dx,
+                    dz: dzs.as_mut().and_then(|it| it.next()),
+                    first: 0,
+                })
+                .collect();
+            dispatch(level, GradSlabs { slabs: &mut slabs, run: f.s, maps: &maps, stream, ahead });
+            sums
+        })
     });
     Scratch::collect(f.c, per_group.into_iter().flatten())
 }
@@ -518,7 +579,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
-            y.par_chunks_mut(chunk).enumerate().for_each(|(t, y)| {
+            dev.for_chunks(y, chunk, |t, y| {
                 let (lo, hi) = (t * chunk, t * chunk + y.len());
                 let mut slab = [NormSlab { x: &x[lo..hi], z: z.map(|z| &z[lo..hi]), y, first: t * runs_per }];
                 dispatch(level, NormalizeSlabs { slabs: &mut slab, run: s, maps, relu, stream, ahead });
@@ -529,7 +590,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
             let mean = periodic(&maps.iter().map(|m| m.mean).collect::<Vec<_>>());
             let scale = periodic(&maps.iter().map(|m| m.scale).collect::<Vec<_>>());
             let shift = periodic(&maps.iter().map(|m| m.shift).collect::<Vec<_>>());
-            y.par_chunks_mut(rows_per * c).enumerate().for_each(|(t, yb)| {
+            dev.for_chunks(y, rows_per * c, |t, yb| {
                 let lo = t * rows_per * c;
                 let hi = lo + yb.len();
                 dispatch(
@@ -570,14 +631,12 @@ pub(crate) fn grad_sums<T: Element>(
         Pattern::Planes { n, c, s } => {
             let split = Split::runs(n, c, s, threads);
             let mut parts = Scratch::with_capacity(c * split.parts);
-            (0..c * split.parts)
-                .into_par_iter()
-                .map(|task| {
-                    let (ch, range) = split.task(task);
-                    let runs = Runs::planes(c, s, ch, range);
-                    dispatch(level, GradSumRuns { inp: GradRun { dy, x, y }, runs, mean: mean[ch], ahead })
-                })
-                .collect_into_vec(parts.vec());
+            let task = |task| {
+                let (ch, range) = split.task(task);
+                let runs = Runs::planes(c, s, ch, range);
+                dispatch(level, GradSumRuns { inp: GradRun { dy, x, y }, runs, mean: mean[ch], ahead })
+            };
+            dev.map_tasks(c * split.parts, task, parts.vec());
             let merged = parts.chunks_exact(split.parts).map(|p| {
                 let mut g = GradSums::default();
                 p.iter().for_each(|p| g.add(p));
@@ -588,14 +647,13 @@ pub(crate) fn grad_sums<T: Element>(
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_reduce_task(rows, c, threads);
             let block = rows_per * c;
-            let parts: Vec<SumTotals> = (0..rows.div_ceil(rows_per))
-                .into_par_iter()
-                .map(|t| {
-                    let lo = t * block;
-                    let hi = (lo + block).min(x.len());
-                    dispatch(level, GradSumRows { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]), mean })
-                })
-                .collect();
+            let mut parts = Vec::new();
+            let task = |t: usize| {
+                let lo = t * block;
+                let hi = (lo + block).min(x.len());
+                dispatch(level, GradSumRows { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]), mean })
+            };
+            dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
             let mut total = SumTotals::new(c);
             parts.iter().for_each(|p| total.add(p));
             total.sums()
@@ -614,14 +672,10 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
-            let mut dzs: Vec<Option<&mut [T]>> = match dz {
-                Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
-                None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
-            };
-            dx.par_chunks_mut(chunk).zip(dzs.par_iter_mut()).enumerate().for_each(|(t, (dx, dz))| {
+            dev.map_items(chunk_pairs(dx, dz, chunk), |t, (dx, dz)| {
                 let (lo, hi) = (t * chunk, t * chunk + dx.len());
                 let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
-                let mut slab = [GradSlab { inp, dx, dz: dz.take(), first: t * runs_per }];
+                let mut slab = [GradSlab { inp, dx, dz, first: t * runs_per }];
                 dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps, stream, ahead });
             });
         }
@@ -632,11 +686,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
             let ca = periodic(&maps.iter().map(|m| m.a).collect::<Vec<_>>());
             let gmean = periodic(&maps.iter().map(|m| m.gmean).collect::<Vec<_>>());
             let k = periodic(&maps.iter().map(|m| m.k).collect::<Vec<_>>());
-            let mut dzs: Vec<Option<&mut [T]>> = match dz {
-                Some(dz) => dz.chunks_mut(chunk).map(Some).collect(),
-                None => (0..dx.len().div_ceil(chunk)).map(|_| None).collect(),
-            };
-            dx.par_chunks_mut(chunk).zip(dzs.par_iter_mut()).enumerate().for_each(|(t, (dxb, dzb))| {
+            dev.map_items(chunk_pairs(dx, dz, chunk), |t, (dxb, dzb)| {
                 let lo = t * chunk;
                 let hi = lo + dxb.len();
                 dispatch(
@@ -644,7 +694,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
                     GradRows {
                         inp: GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) },
                         dx: dxb,
-                        dz: dzb.take(),
+                        dz: dzb,
                         c,
                         mean: &mean,
                         a: &ca,
@@ -657,6 +707,18 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
             });
         }
     })
+}
+
+/// `dx` and `dz` (when given) cut into the same `chunk`-long pieces, paired.
+fn chunk_pairs<'a, T>(
+    dx: &'a mut [T],
+    dz: Option<&'a mut [T]>,
+    chunk: usize,
+) -> Vec<(&'a mut [T], Option<&'a mut [T]>)> {
+    match dz {
+        Some(dz) => dx.chunks_mut(chunk).zip(dz.chunks_mut(chunk).map(Some)).collect(),
+        None => dx.chunks_mut(chunk).map(|d| (d, None)).collect(),
+    }
 }
 
 pub(crate) use kernels::{ChannelAffine, GradMap, GradSums, Totals};
@@ -692,6 +754,29 @@ mod tests {
         assert_eq!(dev.prefetch_ahead(DType::F32, usize::MAX), PREFETCH_AHEAD);
         assert_eq!(dev.clone().with_prefetch(Some(false)).prefetch_ahead(DType::F32, usize::MAX), 0);
         assert_eq!(dev.with_prefetch(Some(true)).prefetch_ahead(DType::BF16, 1), PREFETCH_AHEAD);
+    }
+
+    /// An op below the inline threshold runs on the calling thread, one at or above it on
+    /// the pool's threads; the threshold is the device's, 0 turns inlining off.
+    #[test]
+    fn small_ops_run_on_the_calling_thread() {
+        let dev = CpuDevice::new().with_threads(2).unwrap();
+        let here = std::thread::current().id();
+        let on = |d: &CpuDevice| d.install(|| std::thread::current().id());
+        assert_eq!(on(&dev.for_op(INLINE_BELOW - 1)), here);
+        assert_ne!(on(&dev.for_op(INLINE_BELOW)), here);
+        assert_ne!(on(&dev.clone().with_inline_below(0).for_op(1)), here);
+        assert_eq!(on(&dev.clone().with_inline_below(usize::MAX).for_op(1 << 40)), here);
+        // the task helpers keep the order, inline or not
+        for d in [dev.for_op(0), dev.for_op(INLINE_BELOW)] {
+            let mut out = Vec::new();
+            d.map_tasks(100, |t| t * 3, &mut out);
+            assert_eq!(out, (0..100).map(|t| t * 3).collect::<Vec<_>>());
+            assert_eq!(d.map_items(vec![5, 6, 7], |k, v| k * 10 + v), vec![5, 16, 27]);
+            let mut buf = vec![0usize; 10];
+            d.for_chunks(&mut buf, 3, |t, b| b.iter_mut().for_each(|v| *v = t));
+            assert_eq!(buf, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]);
+        }
     }
 
     /// `Stores::Auto` streams f32 from four times the threads' L2 up, 16-bit types from

@@ -1,0 +1,94 @@
+//! Ops small enough to run on the calling thread (`CpuDevice::with_inline_below`) cut
+//! their work into the same tasks as on the pool: both give the same bits, for every op,
+//! dtype and memory pattern (planes with few and many channels, the fused channels-first
+//! path, rows), with ReLU, residual and parameter gradients.
+
+use bnorm::cpu::CpuDevice;
+use bnorm::shape::Layout;
+use bnorm::{bf16, f16, ops, Activation, Config, Device, Element, Shape};
+
+/// Every output of forward-train, inference and backward on `dev`, as f32 bits.
+fn outputs<T: Element>(dev: &Device, shape: &Shape) -> Vec<Vec<u32>> {
+    let (n, c) = (shape.numel(), shape.c());
+    let val = |i: usize, k: usize| T::from_f32_rounded(((i * k % 1013) as f32) * 0.01 - 4.0 + (i % 7) as f32 * 1e-3);
+    let x: Vec<T> = (0..n).map(|i| val(i, 7919)).collect();
+    let z: Vec<T> = (0..n).map(|i| val(i, 31)).collect();
+    let dy: Vec<T> = (0..n).map(|i| val(i, 104_729)).collect();
+    let w: Vec<f32> = (0..c).map(|j| 0.5 + j as f32 / c as f32).collect();
+    let b: Vec<f32> = (0..c).map(|j| j as f32 * 0.01 - 0.2).collect();
+    let cfg = Config { activation: Activation::Relu, ..Config::default() };
+    let (mut y, mut yi, mut dx, mut dz) =
+        (vec![T::default(); n], vec![T::default(); n], vec![T::default(); n], vec![T::default(); n]);
+    let (mut sm, mut si, mut rm, mut rv) = (vec![0f32; c], vec![0f32; c], vec![0.1f32; c], vec![2f32; c]);
+    let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+    let mut tracked = 0u64;
+    let f = ops::ForwardTraining::new(&x, &mut y)
+        .affine(&w, &b)
+        .residual(&z)
+        .running(&mut rm, &mut rv, &mut tracked)
+        .saved(&mut sm, &mut si);
+    ops::forward_training(dev, shape, &cfg, f).unwrap();
+    let inf = ops::ForwardInference::new(&x, &mut yi, &rm, &rv).affine(&w, &b).residual(&z);
+    ops::forward_inference(dev, shape, &cfg, inf).unwrap();
+    let bw = ops::Backward::from_saved(&x, &dy, &mut dx, &sm, &si)
+        .weight(&w)
+        .output(&y)
+        .residual_grad(&mut dz)
+        .param_grads(&mut dw, &mut db);
+    ops::backward(dev, shape, &cfg, bw).unwrap();
+    let bits = |v: &[T]| v.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+    let fbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    vec![
+        bits(&y),
+        bits(&yi),
+        bits(&dx),
+        bits(&dz),
+        fbits(&sm),
+        fbits(&si),
+        fbits(&rm),
+        fbits(&rv),
+        fbits(&dw),
+        fbits(&db),
+    ]
+}
+
+fn same_bits<T: Element>(dims: &[usize], layout: Layout) {
+    let shape = Shape::from_logical(dims, layout).unwrap();
+    let cpu = CpuDevice::new().with_threads(2).unwrap();
+    let pooled = Device::from_cpu(cpu.clone().with_inline_below(0), "pooled");
+    let inline = Device::from_cpu(cpu.with_inline_below(usize::MAX), "inline");
+    let (a, b) = (outputs::<T>(&pooled, &shape), outputs::<T>(&inline, &shape));
+    let names = [
+        "y",
+        "y (inference)",
+        "dx",
+        "dz",
+        "saved_mean",
+        "saved_invstd",
+        "running_mean",
+        "running_var",
+        "dweight",
+        "dbias",
+    ];
+    for (k, name) in names.iter().enumerate() {
+        let first = a[k].iter().zip(&b[k]).position(|(p, q)| p != q);
+        assert!(first.is_none(), "{dims:?} {layout:?} {}: {name} differs at {first:?}", T::DTYPE);
+    }
+}
+
+#[test]
+fn inline_ops_give_the_pools_bits() {
+    let cases: [(&[usize], Layout); 6] = [
+        (&[64, 3, 40, 40], Layout::ChannelsFirst), // few channels: each split over the batch
+        (&[8, 64, 14, 14], Layout::ChannelsFirst), // fused, cache-blocked groups
+        (&[4, 48, 7, 7], Layout::ChannelsFirst),   // runs shorter than a vector
+        (&[16, 64, 28, 28], Layout::ChannelsLast), // rows, register tiles
+        (&[3000, 37], Layout::ChannelsFirst),      // rows with a scalar tail
+        (&[2, 5, 3, 20, 20], Layout::ChannelsLast),
+    ];
+    for (dims, layout) in cases {
+        same_bits::<f32>(dims, layout);
+        same_bits::<f16>(dims, layout);
+        same_bits::<bf16>(dims, layout);
+    }
+}
