@@ -1,19 +1,17 @@
 //! Ops small enough to run on the calling thread (`CpuDevice::with_inline_below`) cut
 //! their work into the same tasks as on the pool: both give the same bits, for every op,
 //! dtype and memory pattern (planes with few and many channels, the fused channels-first
-//! path, rows), with ReLU, residual and parameter gradients.
+//! path, rows), with ReLU, residual and parameter gradients. (Both run on the same input
+//! buffers: the rows kernels' summation order depends on where `x` starts in memory.)
 
 use bnorm::cpu::CpuDevice;
 use bnorm::shape::Layout;
 use bnorm::{bf16, f16, ops, Activation, Config, Device, Element, Shape};
 
-/// Every output of forward-train, inference and backward on `dev`, as f32 bits.
-fn outputs<T: Element>(dev: &Device, shape: &Shape) -> Vec<Vec<u32>> {
+/// Every output of forward-train, inference and backward on `dev` from `x`, `z` and `dy`,
+/// as f32 bits.
+fn outputs<T: Element>(dev: &Device, shape: &Shape, (x, z, dy): (&[T], &[T], &[T])) -> Vec<Vec<u32>> {
     let (n, c) = (shape.numel(), shape.c());
-    let val = |i: usize, k: usize| T::from_f32_rounded(((i * k % 1013) as f32) * 0.01 - 4.0 + (i % 7) as f32 * 1e-3);
-    let x: Vec<T> = (0..n).map(|i| val(i, 7919)).collect();
-    let z: Vec<T> = (0..n).map(|i| val(i, 31)).collect();
-    let dy: Vec<T> = (0..n).map(|i| val(i, 104_729)).collect();
     let w: Vec<f32> = (0..c).map(|j| 0.5 + j as f32 / c as f32).collect();
     let b: Vec<f32> = (0..c).map(|j| j as f32 * 0.01 - 0.2).collect();
     let cfg = Config { activation: Activation::Relu, ..Config::default() };
@@ -22,15 +20,15 @@ fn outputs<T: Element>(dev: &Device, shape: &Shape) -> Vec<Vec<u32>> {
     let (mut sm, mut si, mut rm, mut rv) = (vec![0f32; c], vec![0f32; c], vec![0.1f32; c], vec![2f32; c]);
     let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
     let mut tracked = 0u64;
-    let f = ops::ForwardTraining::new(&x, &mut y)
+    let f = ops::ForwardTraining::new(x, &mut y)
         .affine(&w, &b)
-        .residual(&z)
+        .residual(z)
         .running(&mut rm, &mut rv, &mut tracked)
         .saved(&mut sm, &mut si);
     ops::forward_training(dev, shape, &cfg, f).unwrap();
-    let inf = ops::ForwardInference::new(&x, &mut yi, &rm, &rv).affine(&w, &b).residual(&z);
+    let inf = ops::ForwardInference::new(x, &mut yi, &rm, &rv).affine(&w, &b).residual(z);
     ops::forward_inference(dev, shape, &cfg, inf).unwrap();
-    let bw = ops::Backward::from_saved(&x, &dy, &mut dx, &sm, &si)
+    let bw = ops::Backward::from_saved(x, dy, &mut dx, &sm, &si)
         .weight(&w)
         .output(&y)
         .residual_grad(&mut dz)
@@ -57,7 +55,13 @@ fn same_bits<T: Element>(dims: &[usize], layout: Layout) {
     let cpu = CpuDevice::new().with_threads(2).unwrap();
     let pooled = Device::from_cpu(cpu.clone().with_inline_below(0), "pooled");
     let inline = Device::from_cpu(cpu.with_inline_below(usize::MAX), "inline");
-    let (a, b) = (outputs::<T>(&pooled, &shape), outputs::<T>(&inline, &shape));
+    let n = shape.numel();
+    let val = |i: usize, k: usize| T::from_f32_rounded(((i * k % 1013) as f32) * 0.01 - 4.0 + (i % 7) as f32 * 1e-3);
+    let x: Vec<T> = (0..n).map(|i| val(i, 7919)).collect();
+    let z: Vec<T> = (0..n).map(|i| val(i, 31)).collect();
+    let dy: Vec<T> = (0..n).map(|i| val(i, 104_729)).collect();
+    let inputs = (&x[..], &z[..], &dy[..]);
+    let (a, b) = (outputs::<T>(&pooled, &shape, inputs), outputs::<T>(&inline, &shape, inputs));
     let names = [
         "y",
         "y (inference)",
@@ -72,7 +76,12 @@ fn same_bits<T: Element>(dims: &[usize], layout: Layout) {
     ];
     for (k, name) in names.iter().enumerate() {
         let first = a[k].iter().zip(&b[k]).position(|(p, q)| p != q);
-        assert!(first.is_none(), "{dims:?} {layout:?} {}: {name} differs at {first:?}", T::DTYPE);
+        assert!(
+            first.is_none(),
+            "{dims:?} {layout:?} {}: {name} differs at {first:?}: {:?}",
+            T::DTYPE,
+            first.map(|i| (f32::from_bits(a[k][i]), f32::from_bits(b[k][i])))
+        );
     }
 }
 
