@@ -417,17 +417,13 @@ fn cpu_forward_training<T: Element>(
     let saved_invstd = opt_host_mut("saved_invstd", a.saved_invstd)?;
 
     let relu = cfg.activation == Activation::Relu;
-    // channels `first..` from their moments
-    let affine = |first: usize, t: &cpu::Totals| {
-        let is = t.invstd(cfg.eps);
-        let map = |j: usize| cpu::ChannelAffine {
-            mean: t.mean[j] as f32,
-            scale: (w.map_or(1.0, |w| w[first + j] as f64) * is[j]) as f32,
-            shift: b.map_or(0.0, |b| b[first + j]),
-        };
-        Scratch::collect(t.len(), (0..t.len()).map(map))
+    // channels `first..` from their moments and 1 / sqrt(var + eps)
+    let affine = |first: usize, t: &cpu::Totals, is: &[f64]| {
+        let ch = first..first + t.len();
+        let (w, b) = (w.map(|w| &w[ch.clone()]), b.map(|b| &b[ch]));
+        channel_maps(t.mean.iter().map(|&m| m as f32), is.iter().copied(), w, b)
     };
-    let moments = cpu::forward_training(dev, shape, cpu::Forward { x, z, y, relu }, affine);
+    let (moments, is) = cpu::forward_training(dev, shape, cpu::Forward { x, z, y, relu }, cfg.eps, affine);
     if let Some((rm, rv, tracked)) = running {
         update_running(cfg.running_stats, shape.m(), &moments, rm, rv, tracked);
     }
@@ -435,9 +431,43 @@ fn cpu_forward_training<T: Element>(
         s.iter_mut().zip(moments.mean.iter()).for_each(|(s, &m)| *s = m as f32);
     }
     if let Some(s) = saved_invstd {
-        s.iter_mut().zip(moments.invstd(cfg.eps).iter()).for_each(|(s, &is)| *s = is as f32);
+        s.iter_mut().zip(is.iter()).for_each(|(s, &is)| *s = is as f32);
     }
     Ok(())
+}
+
+/// The forward maps of consecutive channels: `mean`, `scale = weight * invstd` and
+/// `shift = bias` (1 and 0 without weight and bias). One loop over zipped slices with no
+/// per-channel branches or bounds checks: with thousands of channels these loops are a
+/// visible part of an op (the f64 `invstd` in it is bound by the divider).
+fn channel_maps(
+    mean: impl ExactSizeIterator<Item = f32>,
+    invstd: impl Iterator<Item = f64>,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+) -> Scratch<cpu::ChannelAffine> {
+    let c = mean.len();
+    let (ones, zeros);
+    let weight = match weight {
+        Some(w) => w,
+        None => {
+            ones = Scratch::filled(c, 1f32);
+            &ones[..]
+        }
+    };
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = Scratch::filled(c, 0f32);
+            &zeros[..]
+        }
+    };
+    let maps = mean.zip(invstd).zip(weight).zip(bias).map(|(((mean, is), &w), &shift)| cpu::ChannelAffine {
+        mean,
+        scale: (w as f64 * is) as f32,
+        shift,
+    });
+    Scratch::collect(c, maps)
 }
 
 /// Apply the running-statistics update of every channel and count the batch.
@@ -469,15 +499,7 @@ fn cpu_forward_inference<T: Element>(
     let b = opt_host("bias", a.bias)?;
     let rm = host("running_mean", a.running_mean)?;
     let rv = host("running_var", a.running_var)?;
-    let c = shape.c();
-    let maps = Scratch::collect(
-        c,
-        (0..c).map(|ch| cpu::ChannelAffine {
-            mean: rm[ch],
-            scale: (w.map_or(1.0, |w| w[ch] as f64) * invstd(rv[ch] as f64, cfg.eps)) as f32,
-            shift: b.map_or(0.0, |b| b[ch]),
-        }),
-    );
+    let maps = channel_maps(rm.iter().copied(), rv.iter().map(|&v| invstd(v as f64, cfg.eps)), w, b);
     let relu = cfg.activation == Activation::Relu;
     cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, &maps);
     Ok(())

@@ -1321,14 +1321,19 @@ const MAX_LANES: usize = 16;
 /// line of 2-byte elements (the streamed rows tiles start up to that far in).
 const PERIODIC_EXTRA: usize = MAX_LANES + LINE / 2;
 
-/// `v` repeated until it is `v.len() + PERIODIC_EXTRA` long: `out[j..j + lanes]` holds the
-/// values of channels `j, j + 1, ...` (mod C) for any phase `j < C + LINE / 2`. Built once
-/// per op.
-pub(crate) fn periodic(v: &[f32]) -> Scratch<f32> {
-    let mut out = Scratch::with_capacity(v.len() + PERIODIC_EXTRA);
-    while out.len() < v.len() + PERIODIC_EXTRA {
-        let take = (v.len() + PERIODIC_EXTRA - out.len()).min(v.len());
-        out.extend_from_slice(&v[..take]);
+/// `f` of every channel's map, repeated until it is `maps.len() + PERIODIC_EXTRA` long:
+/// `out[j..j + lanes]` holds the values of channels `j, j + 1, ...` (mod C) for any phase
+/// `j < C + LINE / 2`. Built once per op.
+pub(crate) fn periodic<M>(maps: &[M], f: impl Fn(&M) -> f32) -> Scratch<f32> {
+    let c = maps.len();
+    let len = c + PERIODIC_EXTRA;
+    let mut out = Scratch::filled(len, 0.0);
+    out[..c].iter_mut().zip(maps).for_each(|(o, m)| *o = f(m));
+    let mut at = c;
+    while c > 0 && at < len {
+        let take = (len - at).min(c);
+        out.copy_within(..take, at);
+        at += take;
     }
     out
 }

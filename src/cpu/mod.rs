@@ -468,22 +468,25 @@ impl Fused {
     }
 }
 
-/// Training forward: per-channel moments, then `y` with per-channel maps: `affine(first, t)`
-/// returns the maps of channels `first..first + t.len()` from their moments `t`.
-/// Channels-first data with small channels takes the fused path ([`Fused`]); the rest runs
-/// as two passes.
+/// Training forward: per-channel moments and `1 / sqrt(var + eps)`, then `y` with
+/// per-channel maps: `affine(first, t, invstd)` returns the maps of channels
+/// `first..first + t.len()` from their moments `t` and their `invstd`. Returns the
+/// moments and the `invstd` of every channel. Channels-first data with small channels
+/// takes the fused path ([`Fused`]); the rest runs as two passes.
 pub(crate) fn forward_training<T: Element>(
     dev: &CpuDevice,
     shape: &Shape,
     a: Forward<'_, T>,
-    affine: impl Fn(usize, &Totals) -> Scratch<ChannelAffine> + Sync,
-) -> Totals {
+    eps: f32,
+    affine: impl Fn(usize, &Totals, &[f64]) -> Scratch<ChannelAffine> + Sync,
+) -> (Totals, Scratch<f64>) {
     let Some(f) = Fused::plan::<T>(shape, dev.threads(), 2) else {
         // one hand-over to the pool for both passes (the inner `install`s run in place)
         return dev.install(|| {
             let moments = moments(dev, shape, a.x);
-            normalize(dev, shape, a, &affine(0, &moments));
-            moments
+            let invstd = moments.invstd(eps);
+            normalize(dev, shape, a, &affine(0, &moments, &invstd));
+            (moments, invstd)
         });
     };
     let level = dev.simd;
@@ -491,7 +494,7 @@ pub(crate) fn forward_training<T: Element>(
     let stream = dev.streams(T::DTYPE, y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
-    let per_group: Vec<Totals> = dev.install(|| {
+    let per_group: Vec<(Totals, Scratch<f64>)> = dev.install(|| {
         dev.map_items(groups, |k, ys: Vec<&mut [T]>| {
             let moments = Totals::from_moments(
                 f.g,
@@ -499,17 +502,19 @@ pub(crate) fn forward_training<T: Element>(
                     dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32(), ahead })
                 }),
             );
-            let maps = affine(f.channels(k).start, &moments);
+            let invstd = moments.invstd(eps);
+            let maps = affine(f.channels(k).start, &moments, &invstd);
             let mut slabs: Vec<NormSlab<'_, T>> = ys
                 .into_iter()
                 .enumerate()
                 .map(|(ni, y)| NormSlab { x: f.slab(x, k, ni), z: z.map(|z| f.slab(z, k, ni)), y, first: 0 })
                 .collect();
             dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu, stream, ahead });
-            moments
+            (moments, invstd)
         })
     });
-    Totals::concat(&per_group)
+    let (moments, invstd): (Vec<Totals>, Vec<Scratch<f64>>) = per_group.into_iter().unzip();
+    (Totals::concat(&moments), Scratch::collect(f.c, invstd.iter().flat_map(|v| v.iter().copied())))
 }
 
 /// Backward with batch statistics: per-channel sums, then `dx` (and `dz`) with the map
@@ -587,9 +592,9 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
-            let mean = periodic(&maps.iter().map(|m| m.mean).collect::<Vec<_>>());
-            let scale = periodic(&maps.iter().map(|m| m.scale).collect::<Vec<_>>());
-            let shift = periodic(&maps.iter().map(|m| m.shift).collect::<Vec<_>>());
+            let mean = periodic(maps, |m| m.mean);
+            let scale = periodic(maps, |m| m.scale);
+            let shift = periodic(maps, |m| m.shift);
             dev.for_chunks(y, rows_per * c, |t, yb| {
                 let lo = t * rows_per * c;
                 let hi = lo + yb.len();
@@ -682,10 +687,10 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
             let chunk = rows_per * c;
-            let mean = periodic(&maps.iter().map(|m| m.mean).collect::<Vec<_>>());
-            let ca = periodic(&maps.iter().map(|m| m.a).collect::<Vec<_>>());
-            let gmean = periodic(&maps.iter().map(|m| m.gmean).collect::<Vec<_>>());
-            let k = periodic(&maps.iter().map(|m| m.k).collect::<Vec<_>>());
+            let mean = periodic(maps, |m| m.mean);
+            let ca = periodic(maps, |m| m.a);
+            let gmean = periodic(maps, |m| m.gmean);
+            let k = periodic(maps, |m| m.k);
             dev.map_items(chunk_pairs(dx, dz, chunk), |t, (dxb, dzb)| {
                 let lo = t * chunk;
                 let hi = lo + dxb.len();
