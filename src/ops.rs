@@ -519,13 +519,13 @@ fn cpu_backward<T: Element>(dev: &cpu::CpuDevice, shape: &Shape, cfg: &Config, a
         BackwardStats::Saved { mean, invstd } => {
             let mean = host("saved_mean", mean)?;
             let inv = host("saved_invstd", invstd)?;
-            (Scratch::collect(c, mean.iter().copied()), Scratch::collect(c, inv.iter().map(|&v| v as f64)), true)
+            (mean, Scratch::collect(c, inv.iter().map(|&v| v as f64)), true)
         }
         BackwardStats::Running { mean, var } => {
             let mean = host("running_mean", mean)?;
             let var = host("running_var", var)?;
             let inv = var.iter().map(|&v| invstd(v as f64, cfg.eps) as f32 as f64);
-            (Scratch::collect(c, mean.iter().copied()), Scratch::collect(c, inv), false)
+            (mean, Scratch::collect(c, inv), false)
         }
     };
     let m = shape.m() as f64;
@@ -538,11 +538,11 @@ fn cpu_backward<T: Element>(dev: &cpu::CpuDevice, shape: &Shape, cfg: &Config, a
             gmean: (s.g / m) as f32,
             k: (-inv[ch] * inv[ch] * s.gx / m) as f32,
         };
-        cpu::backward(dev, shape, args, &mean, grad)
+        cpu::backward(dev, shape, args, mean, grad)
     } else {
         // frozen statistics: dx = g * w * invstd, the sums only feed dweight / dbias
         let sums = if dweight.is_some() || dbias.is_some() {
-            cpu::grad_sums(dev, shape, dy, x, y, &mean)
+            cpu::grad_sums(dev, shape, dy, x, y, mean)
         } else {
             Scratch::with_capacity(0)
         };

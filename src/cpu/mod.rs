@@ -538,12 +538,7 @@ pub(crate) fn backward<T: Element>(
     let stream = dev.streams(T::DTYPE, a.outputs());
     let ahead = dev.prefetch_ahead(T::DTYPE, a.x.len());
     let Backward { x, y, dy, dx, dz } = a;
-    let dx_groups = f.slabs(dx);
-    let dz_groups: Vec<Option<Vec<&mut [T]>>> = match dz {
-        Some(dz) => f.slabs(dz).into_iter().map(Some).collect(),
-        None => (0..f.groups()).map(|_| None).collect(),
-    };
-    let groups: Vec<_> = dx_groups.into_iter().zip(dz_groups).collect();
+    let groups = paired(f.slabs(dx).into_iter(), dz.map(|dz| f.slabs(dz).into_iter()));
     let per_group: Vec<Vec<GradSums>> = dev.install(|| {
         dev.map_items(groups, |k, (dxs, dzs): (Vec<&mut [T]>, Option<Vec<&mut [T]>>)| {
             let inp = GradRun { dy, x, y };
@@ -677,7 +672,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
-            dev.map_items(chunk_pairs(dx, dz, chunk), |t, (dx, dz)| {
+            dev.map_items(paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))), |t, (dx, dz)| {
                 let (lo, hi) = (t * chunk, t * chunk + dx.len());
                 let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
                 let mut slab = [GradSlab { inp, dx, dz, first: t * runs_per }];
@@ -691,7 +686,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
             let ca = periodic(maps, |m| m.a);
             let gmean = periodic(maps, |m| m.gmean);
             let k = periodic(maps, |m| m.k);
-            dev.map_items(chunk_pairs(dx, dz, chunk), |t, (dxb, dzb)| {
+            dev.map_items(paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))), |t, (dxb, dzb)| {
                 let lo = t * chunk;
                 let hi = lo + dxb.len();
                 dispatch(
@@ -714,15 +709,12 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     })
 }
 
-/// `dx` and `dz` (when given) cut into the same `chunk`-long pieces, paired.
-fn chunk_pairs<'a, T>(
-    dx: &'a mut [T],
-    dz: Option<&'a mut [T]>,
-    chunk: usize,
-) -> Vec<(&'a mut [T], Option<&'a mut [T]>)> {
+/// The pieces of `dx` each paired with the same piece of `dz` when there is one (both cut
+/// the same way).
+fn paired<D>(dx: impl Iterator<Item = D>, dz: Option<impl Iterator<Item = D>>) -> Vec<(D, Option<D>)> {
     match dz {
-        Some(dz) => dx.chunks_mut(chunk).zip(dz.chunks_mut(chunk).map(Some)).collect(),
-        None => dx.chunks_mut(chunk).map(|d| (d, None)).collect(),
+        Some(dz) => dx.zip(dz.map(Some)).collect(),
+        None => dx.map(|d| (d, None)).collect(),
     }
 }
 
