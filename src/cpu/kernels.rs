@@ -602,6 +602,9 @@ impl RowMoments {
 pub(crate) struct RowMomentsKernel<'a, T> {
     pub acc: &'a mut RowMoments,
     pub x: &'a [T],
+    /// prefetch each sub-block of rows while the one before it is summed (see
+    /// [`fetch_next_block`])
+    pub prefetch: bool,
 }
 
 impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
@@ -627,7 +630,9 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
         };
         // whole vectors per row: register-blocked tiles; an odd last row goes below
         let pairs_end = body.len() / (2 * c) * 2 * c;
-        row_moments_tiled(s, acc, &body[..pairs_end]);
+        let tiled = &body[..pairs_end];
+        let ahead = if self.prefetch { block_pairs::<T>(c) * 2 * c } else { 0 };
+        with_fetch!(ahead, |pf| row_moments_tiled(s, acc, tiled, pf));
         row_moments_rows(s, acc, &body[pairs_end..]);
         row_moments_rows(s, acc, &rest)
     }
@@ -690,11 +695,18 @@ fn block_pairs<T>(c: usize) -> usize {
     (1usize << (usize::BITS - 1 - pairs.leading_zeros())).min(FLUSH_STEPS as usize)
 }
 
+/// Pairs of rows per sub-block of the backward sums (a flush of them is due every
+/// [`SUM_FLUSH_STEPS`] pairs).
+#[inline(always)]
+fn sums_block_pairs<T>(c: usize) -> usize {
+    block_pairs::<T>(c).min(SUM_FLUSH_STEPS as usize)
+}
+
 /// Moments of whole pairs of rows with `c % LANES == 0`, register-blocked: channel tiles
 /// of a few vectors keep their Welford accumulators (two sets, even and odd rows) in
 /// registers across a sub-block of rows; only the tile boundaries touch memory.
 #[inline(always)]
-fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
+fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T], pf: impl Fetch) {
     let c = acc.c;
     let l = S::LANES;
     let nv = c / l;
@@ -703,17 +715,19 @@ fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
     let mut m2 = Scratch::filled(2 * c, 0f32);
     let mut steps = 0usize;
     let per_block = block_pairs::<T>(c);
-    for block in x.chunks(2 * c * per_block) {
+    for (b, block) in x.chunks(2 * c * per_block).enumerate() {
         let pairs = block.len() / (2 * c);
+        let from = &x[b * 2 * c * per_block..];
         let mut t = 0;
         while t < nv {
             let w = (nv - t).min(tv);
             let col = t * l;
+            let (shift, at) = (&acc.shift[..], (from, pf));
             match w {
-                4 => moments_tile::<S, T, 4>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
-                3 => moments_tile::<S, T, 3>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
-                2 => moments_tile::<S, T, 2>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
-                _ => moments_tile::<S, T, 1>(s, block, c, col, &acc.shift, &mut mean, &mut m2, steps),
+                4 => moments_tile::<S, T, 4>(s, block, c, col, shift, &mut mean, &mut m2, steps, at),
+                3 => moments_tile::<S, T, 3>(s, block, c, col, shift, &mut mean, &mut m2, steps, at),
+                2 => moments_tile::<S, T, 2>(s, block, c, col, shift, &mut mean, &mut m2, steps, at),
+                _ => moments_tile::<S, T, 1>(s, block, c, col, shift, &mut mean, &mut m2, steps, at),
             }
             t += w;
         }
@@ -725,6 +739,16 @@ fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
     }
     if steps > 0 {
         flush_sets(acc, &mut mean, &mut m2, steps);
+    }
+}
+
+/// Prefetch `from[i + ahead]` (the same place in the next sub-block of rows) once per
+/// cache line: every vector for f32, every other one for f16/bf16 (a 16-bit vector is
+/// half a line; `i` steps by whole vectors from a vector boundary of the tile).
+#[inline(always)]
+fn fetch_next_block<S: Simd, T>(s: S, from: &[T], i: usize, pf: impl Fetch) {
+    if (i * std::mem::size_of::<T>()) % 64 < S::LANES * std::mem::size_of::<T>() {
+        pf.fetch(s, from, i);
     }
 }
 
@@ -764,6 +788,7 @@ fn moments_tile<S: Simd, T: Element, const W: usize>(
     mean: &mut [f32],
     m2: &mut [f32],
     steps: usize,
+    (from, pf): (&[T], impl Fetch),
 ) {
     let l = S::LANES;
     // plain loops, not array::from_fn: its closures can stay out of line and then call the
@@ -781,6 +806,7 @@ fn moments_tile<S: Simd, T: Element, const W: usize>(
         let inv = s.splat(RECIP[steps + i + 1]);
         for set in 0..2 {
             for k in 0..W {
+                fetch_next_block::<S, T>(s, from, 2 * c * i + set * c + col + k * l, pf);
                 let v = s.sub(s.load(&pair[set * c + col + k * l..]), sh[k]);
                 (mn[set][k], q[set][k]) = welford(s, v, inv, (mn[set][k], q[set][k]));
             }
@@ -1553,6 +1579,8 @@ pub(crate) struct GradSumRows<'a, T> {
     pub x: &'a [T],
     pub y: Option<&'a [T]>,
     pub mean: &'a [f32],
+    /// prefetch each sub-block of rows while the one before it is summed
+    pub prefetch: bool,
 }
 
 impl<T: Element> Kernel for GradSumRows<'_, T> {
@@ -1573,7 +1601,8 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
         let part =
             |lo: usize, hi: usize| GradRun { dy: &self.dy[lo..hi], x: &self.x[lo..hi], y: self.y.map(|y| &y[lo..hi]) };
         if tiled > 0 {
-            grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut tot);
+            let ahead = if self.prefetch { sums_block_pairs::<T>(c) * 2 * c } else { 0 };
+            with_fetch!(ahead, |pf| grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut tot, pf));
         }
         grad_sums_rows(s, &part(tiled, self.x.len()), &m_hi, &mut tot);
         tot.gx.iter_mut().zip(tot.g.iter()).zip(m_lo.iter()).for_each(|((gx, &g), &lo)| *gx -= lo * g);
@@ -1585,28 +1614,29 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
 /// [`row_moments_tiled`]: per channel tile, two row sets of `sum g` and `sum g * xc`
 /// stay in registers across a sub-block of rows.
 #[inline(always)]
-fn grad_sums_tiled<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut SumTotals) {
+fn grad_sums_tiled<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut SumTotals, pf: impl Fetch) {
     let c = mean.len();
     let l = S::LANES;
     let nv = c / l;
     let tv = tile_vectors::<S>();
     let mut sg = Scratch::filled(2 * c, 0f32);
     let mut sgx = Scratch::filled(2 * c, 0f32);
-    let per_block = block_pairs::<T>(c).min(SUM_FLUSH_STEPS as usize);
-    let block = 2 * c * per_block;
+    let block = 2 * c * sums_block_pairs::<T>(c);
     let mut steps = 0;
     for lo in (0..inp.x.len()).step_by(block) {
         let hi = (lo + block).min(inp.x.len());
         let b = GradRun { dy: &inp.dy[lo..hi], x: &inp.x[lo..hi], y: inp.y.map(|y| &y[lo..hi]) };
+        let from = GradRun { dy: &inp.dy[lo..], x: &inp.x[lo..], y: inp.y.map(|y| &y[lo..]) };
         let mut t = 0;
         while t < nv {
             let w = (nv - t).min(tv);
             let col = t * l;
+            let at = (&from, pf);
             match w {
-                4 => sums_tile::<S, T, 4>(s, &b, c, col, mean, &mut sg, &mut sgx),
-                3 => sums_tile::<S, T, 3>(s, &b, c, col, mean, &mut sg, &mut sgx),
-                2 => sums_tile::<S, T, 2>(s, &b, c, col, mean, &mut sg, &mut sgx),
-                _ => sums_tile::<S, T, 1>(s, &b, c, col, mean, &mut sg, &mut sgx),
+                4 => sums_tile::<S, T, 4>(s, &b, c, col, mean, &mut sg, &mut sgx, at),
+                3 => sums_tile::<S, T, 3>(s, &b, c, col, mean, &mut sg, &mut sgx, at),
+                2 => sums_tile::<S, T, 2>(s, &b, c, col, mean, &mut sg, &mut sgx, at),
+                _ => sums_tile::<S, T, 1>(s, &b, c, col, mean, &mut sg, &mut sgx, at),
             }
             t += w;
         }
@@ -1675,6 +1705,7 @@ fn sums_tile<S: Simd, T: Element, const W: usize>(
     mean: &[f32],
     sg: &mut [f32],
     sgx: &mut [f32],
+    (from, pf): (&GradRun<'_, T>, impl Fetch),
 ) {
     let l = S::LANES;
     let z = s.splat(0.0);
@@ -1690,6 +1721,11 @@ fn sums_tile<S: Simd, T: Element, const W: usize>(
         for set in 0..2 {
             for k in 0..W {
                 let o = p + set * c + col + k * l;
+                fetch_next_block::<S, T>(s, from.dy, o, pf);
+                fetch_next_block::<S, T>(s, from.x, o, pf);
+                if let Some(y) = from.y {
+                    fetch_next_block::<S, T>(s, y, o, pf);
+                }
                 let dy = s.load(&b.dy[o..]);
                 let g = match b.y {
                     Some(y) => s.where_positive(s.load(&y[o..]), dy),
@@ -2033,7 +2069,8 @@ mod tests {
     fn row_moments_at_every_offset_match_f64() {
         let value =
             |i: usize| 1e3 + ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 % 1000.0 / 7.0 + i as f32 % 3.0;
-        for (rows, c) in [(2usize, 16usize), (3, 16), (37, 32), (40, 48), (9, 64), (5, 20), (200, 16)] {
+        // (300, 16): three sub-blocks of rows, so the tiles prefetch the next one
+        for (rows, c) in [(2usize, 16usize), (3, 16), (37, 32), (40, 48), (9, 64), (5, 20), (200, 16), (300, 16)] {
             let store: Vec<f32> = (0..rows * c + 16).map(value).collect();
             for off in 0..16 {
                 let x = &store[off..off + rows * c];
@@ -2043,14 +2080,65 @@ mod tests {
                     if !level.is_supported() {
                         continue;
                     }
-                    let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().copied()));
-                    dispatch(level, RowMomentsKernel { acc: &mut acc, x });
-                    let t = acc.finish();
+                    let run = |prefetch: bool| {
+                        let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().copied()));
+                        dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch });
+                        acc.finish()
+                    };
+                    let (t, fetched) = (run(false), run(true));
                     for (j, (got, want)) in (0..c).map(|j| t.get(j)).zip(&want).enumerate() {
                         let at = format!("{level} rows {rows} c {c} offset {off} channel {j}");
                         assert_eq!(got.count, want.count, "{at}");
                         assert!((got.mean - want.mean).abs() <= 1e-6 * want.mean.abs(), "{at}: {got:?} {want:?}");
                         assert!((got.m2 - want.m2).abs() <= 1e-5 * want.m2 + 1e-3, "{at}: {got:?} {want:?}");
+                        // prefetches are hints: the same bits with them (the last sub-block's
+                        // run past the end of `x` and must be dropped)
+                        let f = fetched.get(j);
+                        let bits = |m: Moments| (m.count.to_bits(), m.mean.to_bits(), m.m2.to_bits());
+                        assert_eq!(bits(f), bits(got), "{at}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Backward sums of rows over several sub-blocks (so the tiles prefetch the next one,
+    /// and the last one's prefetches run past the end), with and without ReLU, on every
+    /// level: the f64 sums of each channel, and the same bits with prefetching as without.
+    #[test]
+    fn grad_sum_rows_match_f64_with_and_without_prefetch() {
+        let value = |i: usize, k: u32| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(k) >> 8) as f32 % 1000.0 / 500.0 - 1.0
+        };
+        for (rows, c) in [(300usize, 16usize), (130, 32), (7, 16)] {
+            let n = rows * c;
+            let (x, dy, y): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                (0..n).map(|i| value(i, 1)).collect(),
+                (0..n).map(|i| value(i, 2)).collect(),
+                (0..n).map(|i| value(i, 3)).collect(),
+            );
+            let mean: Vec<f32> = (0..c).map(|j| j as f32 * 0.01).collect();
+            for relu in [false, true] {
+                let yr = relu.then_some(&y[..]);
+                for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+                    if !level.is_supported() {
+                        continue;
+                    }
+                    let run =
+                        |prefetch| dispatch(level, GradSumRows { dy: &dy, x: &x, y: yr, mean: &mean, prefetch }).sums();
+                    let (got, fetched) = (run(false), run(true));
+                    for j in 0..c {
+                        let g = |r: usize| if relu && y[r * c + j] <= 0.0 { 0.0 } else { dy[r * c + j] as f64 };
+                        let want_g: f64 = (0..rows).map(g).sum();
+                        let want_gx: f64 = (0..rows).map(|r| g(r) * (x[r * c + j] as f64 - mean[j] as f64)).sum();
+                        let at = format!("{level} rows {rows} c {c} relu {relu} channel {j}");
+                        assert!((got[j].g - want_g).abs() <= 1e-5 * rows as f64, "{at}: {} {want_g}", got[j].g);
+                        assert!((got[j].gx - want_gx).abs() <= 1e-5 * rows as f64, "{at}: {} {want_gx}", got[j].gx);
+                        assert_eq!(
+                            (fetched[j].g.to_bits(), fetched[j].gx.to_bits()),
+                            (got[j].g.to_bits(), got[j].gx.to_bits()),
+                            "{at}"
+                        );
                     }
                 }
             }

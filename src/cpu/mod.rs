@@ -132,6 +132,12 @@ const STREAM_L2_MULTIPLE: usize = 4;
 /// forward 0.88-0.94, backward 1.00); at 49 MiB and below 0.98-1.03x for f32 and 0.99-1.14x
 /// (geomean 1.05) for f16/bf16, where the data comes from L3 and the 16-bit loops are
 /// bound by the core (the prefetches take load slots).
+///
+/// The backward counts both of its inputs (`x` and `dy`, and `y` with ReLU): re-measured on
+/// the 480 MiB-L3 machine of 2026-11-27 (alternated A/B of two builds, min of 4, old/new
+/// time), prefetching 49 MiB tensors made the backward 1.07-1.47x faster (bf16 channels-last
+/// 32x64x112x112 1.46, 32x256x56x56 1.26; f32 32x128x56x56 1.07-1.10), while forward and
+/// inference went 0.94-1.14x and 0.95-1.00x: they keep counting `x` alone.
 const PREFETCH_FROM_BYTES: usize = 64 << 20;
 
 /// Values ahead of the loop's position that a prefetching loop asks for: 4 KiB of f32, 2 KiB
@@ -189,9 +195,10 @@ impl CpuDevice {
         }
     }
 
-    /// Values ahead of their position that the vector loops of an op whose input is
+    /// Values ahead of their position that the vector loops of an op whose inputs are
     /// `elements` values of `dtype` prefetch: [`PREFETCH_AHEAD`] from
-    /// [`PREFETCH_FROM_BYTES`] up, else 0 (no prefetching).
+    /// [`PREFETCH_FROM_BYTES`] up, else 0 (no prefetching). The tiled channels-last
+    /// reductions prefetch a sub-block of rows ahead instead, at the same threshold.
     pub(crate) fn prefetch_ahead(&self, dtype: DType, elements: usize) -> usize {
         let big = elements.saturating_mul(dtype.size()) >= PREFETCH_FROM_BYTES;
         if self.prefetch.unwrap_or(big) {
@@ -345,6 +352,16 @@ impl<T> Backward<'_, T> {
     fn outputs(&self) -> usize {
         self.dx.len() + self.dz.as_ref().map_or(0, |d| d.len())
     }
+
+    /// Values the backward reads: `x`, `dy` and `y` (with ReLU).
+    fn inputs(&self) -> usize {
+        backward_inputs(self.x, self.dy, self.y)
+    }
+}
+
+/// Values a backward over `x`, `dy` and `y` reads (what its prefetch decision counts).
+fn backward_inputs<T>(x: &[T], dy: &[T], y: Option<&[T]>) -> usize {
+    x.len() + dy.len() + y.map_or(0, |y| y.len())
 }
 
 // ---------------------------------------------------------------- statistics
@@ -373,7 +390,8 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> To
             let mut parts = Vec::new();
             let task = |t: usize| {
                 let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().map(|v| v.to_f32())));
-                dispatch(level, RowMomentsKernel { acc: &mut acc, x: &x[t * block..((t + 1) * block).min(x.len())] });
+                let x = &x[t * block..((t + 1) * block).min(x.len())];
+                dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch: ahead > 0 });
                 acc.finish()
             };
             dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
@@ -536,7 +554,7 @@ pub(crate) fn backward<T: Element>(
     };
     let level = dev.simd;
     let stream = dev.streams(T::DTYPE, a.outputs());
-    let ahead = dev.prefetch_ahead(T::DTYPE, a.x.len());
+    let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
     let Backward { x, y, dy, dx, dz } = a;
     let groups = paired(f.slabs(dx).into_iter(), dz.map(|dz| f.slabs(dz).into_iter()));
     let per_group: Vec<Vec<GradSums>> = dev.install(|| {
@@ -625,7 +643,7 @@ pub(crate) fn grad_sums<T: Element>(
     mean: &[f32],
 ) -> Scratch<GradSums> {
     let level = dev.simd;
-    let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
+    let ahead = dev.prefetch_ahead(T::DTYPE, backward_inputs(x, dy, y));
     let threads = dev.threads();
     dev.install(|| match shape.pattern() {
         Pattern::Planes { n, c, s } => {
@@ -651,7 +669,8 @@ pub(crate) fn grad_sums<T: Element>(
             let task = |t: usize| {
                 let lo = t * block;
                 let hi = (lo + block).min(x.len());
-                dispatch(level, GradSumRows { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]), mean })
+                let (dy, x, y) = (&dy[lo..hi], &x[lo..hi], y.map(|y| &y[lo..hi]));
+                dispatch(level, GradSumRows { dy, x, y, mean, prefetch: ahead > 0 })
             };
             dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
             let mut total = SumTotals::new(c);
@@ -666,7 +685,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     let level = dev.simd;
     let threads = dev.threads();
     let stream = dev.streams(T::DTYPE, a.outputs());
-    let ahead = dev.prefetch_ahead(T::DTYPE, a.x.len());
+    let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
     let Backward { x, y, dy, dx, dz } = a;
     dev.install(|| match shape.pattern() {
         Pattern::Planes { s, .. } => {
