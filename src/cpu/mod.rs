@@ -136,8 +136,9 @@ const STREAM_L2_MULTIPLE: usize = 4;
 /// The backward counts both of its inputs (`x` and `dy`, and `y` with ReLU): re-measured on
 /// the 480 MiB-L3 machine of 2026-11-27 (alternated A/B of two builds, min of 4, old/new
 /// time), prefetching 49 MiB tensors made the backward 1.07-1.47x faster (bf16 channels-last
-/// 32x64x112x112 1.46, 32x256x56x56 1.26; f32 32x128x56x56 1.07-1.10), while forward and
-/// inference went 0.94-1.14x and 0.95-1.00x: they keep counting `x` alone.
+/// 32x64x112x112 1.46, 32x256x56x56 1.26; f32 32x128x56x56 1.07-1.11) but for one case (f32
+/// channels-first 32x512x28x28, 0.95), while forward and inference went 0.94-1.14x and
+/// 0.95-1.02x: they keep counting `x` alone.
 const PREFETCH_FROM_BYTES: usize = 64 << 20;
 
 /// Values ahead of the loop's position that a prefetching loop asks for: 4 KiB of f32, 2 KiB
