@@ -773,6 +773,19 @@ mod tests {
         assert_eq!(dev.with_prefetch(Some(true)).prefetch_ahead(DType::BF16, 1), PREFETCH_AHEAD);
     }
 
+    /// The backward's decision counts every input it reads: `x` and `dy` of half the
+    /// threshold each turn prefetching on, and `y` (ReLU) counts too.
+    #[test]
+    fn backward_prefetch_counts_every_input() {
+        let dev = CpuDevice::new();
+        let half = vec![0u16; PREFETCH_FROM_BYTES / 4];
+        let fourth = &half[..half.len() / 2];
+        assert_eq!(dev.prefetch_ahead(DType::BF16, half.len()), 0);
+        assert_eq!(dev.prefetch_ahead(DType::BF16, backward_inputs(&half, &half, None)), PREFETCH_AHEAD);
+        assert_eq!(dev.prefetch_ahead(DType::BF16, backward_inputs(fourth, fourth, None)), 0);
+        assert_eq!(backward_inputs(fourth, fourth, Some(&half)), 2 * half.len());
+    }
+
     /// An op below the inline threshold runs on the calling thread, one at or above it on
     /// the pool's threads; the threshold is the device's, 0 turns inlining off.
     #[test]
