@@ -603,7 +603,7 @@ pub(crate) struct RowMomentsKernel<'a, T> {
     pub acc: &'a mut RowMoments,
     pub x: &'a [T],
     /// prefetch each sub-block of rows while the one before it is summed (see
-    /// [`fetch_next_block`])
+    /// [`first_of_line`])
     pub prefetch: bool,
 }
 
@@ -742,14 +742,13 @@ fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T], p
     }
 }
 
-/// Prefetch `from[i + ahead]` (the same place in the next sub-block of rows) once per
-/// cache line: every vector for f32, every other one for f16/bf16 (a 16-bit vector is
-/// half a line; `i` steps by whole vectors from a vector boundary of the tile).
+/// Whether index `i` of a tile's walk starts its share of a cache line: every vector for
+/// f32, every other one for f16/bf16 (a 16-bit vector is half a line; `i` steps by whole
+/// vectors from a vector boundary of the tile). The tiled rows kernels prefetch the same
+/// place in the next sub-block of rows there, once per line.
 #[inline(always)]
-fn fetch_next_block<S: Simd, T>(s: S, from: &[T], i: usize, pf: impl Fetch) {
-    if (i * std::mem::size_of::<T>()) % 64 < S::LANES * std::mem::size_of::<T>() {
-        pf.fetch(s, from, i);
-    }
+fn first_of_line<S: Simd, T>(i: usize) -> bool {
+    (i * std::mem::size_of::<T>()) % 64 < S::LANES * std::mem::size_of::<T>()
 }
 
 /// Fold two accumulator sets (set-major, `steps` values per lane) into the f64 totals.
@@ -806,7 +805,10 @@ fn moments_tile<S: Simd, T: Element, const W: usize>(
         let inv = s.splat(RECIP[steps + i + 1]);
         for set in 0..2 {
             for k in 0..W {
-                fetch_next_block::<S, T>(s, from, 2 * c * i + set * c + col + k * l, pf);
+                let o = 2 * c * i + set * c + col + k * l;
+                if first_of_line::<S, T>(o) {
+                    pf.fetch(s, from, o);
+                }
                 let v = s.sub(s.load(&pair[set * c + col + k * l..]), sh[k]);
                 (mn[set][k], q[set][k]) = welford(s, v, inv, (mn[set][k], q[set][k]));
             }
@@ -1721,10 +1723,8 @@ fn sums_tile<S: Simd, T: Element, const W: usize>(
         for set in 0..2 {
             for k in 0..W {
                 let o = p + set * c + col + k * l;
-                fetch_next_block::<S, T>(s, from.dy, o, pf);
-                fetch_next_block::<S, T>(s, from.x, o, pf);
-                if let Some(y) = from.y {
-                    fetch_next_block::<S, T>(s, y, o, pf);
+                if first_of_line::<S, T>(o) {
+                    prefetch_grad(s, from, o, pf);
                 }
                 let dy = s.load(&b.dy[o..]);
                 let g = match b.y {
