@@ -364,11 +364,27 @@ fn run_typed<T: Element>(dev: &Device, spec: &CaseSpec) -> Result<CaseResult> {
 /// sum: `y = bn(x) + z` can cancel to near zero, and no f32 computation of it is then
 /// accurate relative to `y` (PyTorch's separate add rounds at the terms' scale too). The
 /// extra allowance is `1e-5 * |z|` per element.
-fn residual_allowance<T: Element>(z: Option<&[T]>) -> impl Fn(usize) -> f64 + '_ {
+///
+/// ```
+/// use bnorm::check::residual_allowance;
+/// let z = [2.0f32, -4.0];
+/// assert_eq!(residual_allowance(Some(&z[..]))(1), 4e-5);
+/// assert_eq!(residual_allowance::<f32>(None)(1), 0.0);
+/// ```
+pub fn residual_allowance<T: Element>(z: Option<&[T]>) -> impl Fn(usize) -> f64 + '_ {
     move |i| z.map_or(0.0, |z| reference::F32_REL * z[i].to_f64().abs())
 }
 
-fn channel_of(shape: &Shape, i: usize) -> usize {
+/// The channel of the element at flat index `i` of a tensor of `shape`.
+///
+/// ```
+/// use bnorm::{check::channel_of, Shape};
+/// let cf = Shape::channels_first(&[2, 3, 4]).unwrap(); // N=2, C=3, 4 values per plane
+/// assert_eq!(channel_of(&cf, 5), 1);
+/// let cl = Shape::channels_last(&[2, 4, 3]).unwrap(); // the same tensor, channels last
+/// assert_eq!(channel_of(&cl, 5), 2);
+/// ```
+pub fn channel_of(shape: &Shape, i: usize) -> usize {
     match shape.layout() {
         Layout::ChannelsFirst => (i / shape.spatial()) % shape.c(),
         Layout::ChannelsLast => i % shape.c(),
