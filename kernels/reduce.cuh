@@ -334,10 +334,24 @@ struct Partial<Sums> {
 // One thread's share of a cross-split merge: the slots base + k * step for k = first,
 // first + stride, ... below splits, combined in increasing k (the caller then reduces
 // across the threads that shared the splits).
+//
+// The slots are read BN_FOLD_BATCH at a time, all loads issued before the first combine:
+// a channels-last tile's last block folds every split of its channels with bdy threads per
+// channel (528 splits, 8 threads: 66 slots each on an H200), and one L2 round trip per
+// slot left the rest of the GPU idle for tens of microseconds. Same order, same bits.
+#define BN_FOLD_BATCH 8
 template <typename T, typename I>
 __device__ __forceinline__ T fold_partials(const float* p, u64 total, u64 base, u64 step, I first, I splits, I stride) {
   T acc = Partial<T>::zero();
-  for (I k = first; k < splits; k += stride) acc = Partial<T>::combine(acc, Partial<T>::get(p, total, base + (u64)k * step));
+  I k = first;
+  for (; k + (I)(BN_FOLD_BATCH - 1) * stride < splits; k += (I)BN_FOLD_BATCH * stride) {
+    T got[BN_FOLD_BATCH];
+#pragma unroll
+    for (int j = 0; j < BN_FOLD_BATCH; ++j) got[j] = Partial<T>::get(p, total, base + (u64)(k + (I)j * stride) * step);
+#pragma unroll
+    for (int j = 0; j < BN_FOLD_BATCH; ++j) acc = Partial<T>::combine(acc, got[j]);
+  }
+  for (; k < splits; k += stride) acc = Partial<T>::combine(acc, Partial<T>::get(p, total, base + (u64)k * step));
   return acc;
 }
 

@@ -529,6 +529,30 @@ static void sweep_grad_bias(const char* dt) {
     }
 }
 
+// Many splits: a channels-last tile of 128 channels has 8 threads per channel column
+// (bdx 32, bdy 8), so 67 splits make each fold thread read one batch of BN_FOLD_BATCH
+// slots and then single slots (fold_partials' two loops); channels-first with 2056 splits
+// does the same over its 256 threads. Offset data, ReLU and the residual on the forward.
+template <class E>
+static void sweep_many_splits(const char* dt) {
+  const Case cases[] = {{40, 128, 20, true}, {3, 2, 8224, false}};
+  const int splits[2] = {67, 2056};
+  for (int i = 0; i < 2; ++i)
+    for (int vec = 0; vec <= 1; ++vec) {
+      Config cf{};
+      cf.vec = vec;
+      cf.relu = true;
+      cf.add = true;
+      cf.splits = splits[i];
+      Runner<E> r{dt, cases[i], cf};
+      r.rng.seed(900 + i + 10 * vec);
+      const double offset = sizeof(typename E::T) == 4 ? 1e4 : (std::string(dt) == "f16" ? 100.0 : 10.0);
+      r.forward(offset);
+      r.backward(true, true, 0.0);
+      r.backward(false, false, 0.0);
+    }
+}
+
 // The persistent kernels: channel (tile) loops with one split, cooperative grids with
 // several (every block resident, a grid-wide barrier), register-only and shared-memory
 // storage, scalar and vector paths, fusions; and the gradient-bias shapes.
@@ -571,9 +595,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> which(argv + 1, argv + argc);
   if (which.empty()) which = {"f32", "f16", "bf16"};
   for (const std::string& t : which) {
-    if (t == "f32") sweep<F32>("f32"), sweep_grad_bias<F32>("f32"), sweep_persistent<F32>("f32");
-    else if (t == "f16") sweep<F16>("f16"), sweep_grad_bias<F16>("f16"), sweep_persistent<F16>("f16");
-    else if (t == "bf16") sweep<BF16>("bf16"), sweep_grad_bias<BF16>("bf16"), sweep_persistent<BF16>("bf16");
+    if (t == "f32") sweep<F32>("f32"), sweep_grad_bias<F32>("f32"), sweep_many_splits<F32>("f32"), sweep_persistent<F32>("f32");
+    else if (t == "f16") sweep<F16>("f16"), sweep_grad_bias<F16>("f16"), sweep_many_splits<F16>("f16"), sweep_persistent<F16>("f16");
+    else if (t == "bf16") sweep<BF16>("bf16"), sweep_grad_bias<BF16>("bf16"), sweep_many_splits<BF16>("bf16"), sweep_persistent<BF16>("bf16");
     else {
       std::fprintf(stderr, "unknown dtype %s\n", t.c_str());
       return 2;
