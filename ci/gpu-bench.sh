@@ -290,7 +290,7 @@ for op, kernels in (("forward_train", "^bn_fwd"), ("backward", "^bn_bwd"), ("inf
 EOF
   while read -r op kernels combo dims batch; do
     step "ncu $op $combo $dims" 40 15 "$out/ncu-$op.txt" \
-      "$ncu_bin" --target-processes all --kernel-name "regex:$kernels" --launch-count 2 --metrics "$METRICS" \
+      "$ncu_bin" --clock-control none --target-processes all --kernel-name "regex:$kernels" --launch-count 2 --metrics "$METRICS" \
       "$BNORM" bench --device "$device" --suite resnet50 --batch "$batch" --infer-batch "$batch" --combos "$combo" \
       --ops "$op" --only "$dims" --reps 1 --warmup 0 || true
   done <"$out/ncu-cases.txt"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build, here (nvcc needed, no GPU), what a GPU machine without a Rust toolchain needs to run
 # bnorm's GPU checks, into one folder (default .bundle/, gitignored, must stay < 64 MB):
-#   tests/NAME   every release test executable of the workspace (unit tests of each
-#                package, the integration tests, tests/gpu.rs among them), debug info stripped
+#   tests/NAME   the release test executables that touch a GPU (GPU_BUNDLE_TESTS, default
+#                "gpu* bnorm-unit bnorm-cli-*": tests/gpu.rs, tests/gpu_persistent.rs, the
+#                library's and the CLI's unit tests; the CPU-only integration tests run in CI
+#                and would push the bundle past 64 MiB), debug info stripped
 #   bnorm        the command-line tool (package bnorm-cli, with its `cudnn` feature: the cuDNN
 #                peer of `bnorm bench`, libcudnn loaded at run time), when the workspace has it
 #   gpu-run.sh   runs the tests and checks there (see that script)
@@ -55,7 +57,14 @@ for line in open(sys.argv[1]):
     seen.add(name)
     print(f"{name}\t{m['executable']}")
 EOF
+read -r -a patterns <<<"${GPU_BUNDLE_TESTS:-gpu* bnorm-unit bnorm-cli-*}"
 while IFS=$'\t' read -r name exe; do
+  keep=0
+  for pat in "${patterns[@]}"; do
+    # shellcheck disable=SC2053 # a pattern on purpose
+    [[ "$name" == $pat ]] && keep=1 && break
+  done
+  ((keep)) || continue
   cp "$exe" "$dest/tests/$name"
   strip --strip-debug "$dest/tests/$name" 2>/dev/null || true
 done <"$dest/.list"

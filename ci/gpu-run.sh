@@ -13,6 +13,8 @@
 #
 # Usage: ./gpu-run.sh [LOG_DIR]        (default: $OUT when set, else ./logs)
 # Environment: GPU_RUN_STEPS (default "tests check bench sanitizer": the steps to run),
+# GPU_RUN_TESTS (default: every executable in tests/; else a space-separated list of shell
+# patterns, e.g. "gpu* bnorm-unit": the CPU-only integration tests already run in CI),
 # GPU_RUN_BUDGET_S (default 345: the sanitizers get what is left of it). gpu-all.sh uses
 # them to run the tests, then gpu-bench.sh, then the sanitizers in one call.
 # Exit status: 0 when every step that ran passed.
@@ -69,14 +71,29 @@ fi
 
 # 1. every test executable, ignored tests included. GPU tests first: they matter most.
 if wants tests; then
-  mapfile -t tests < <(ls tests/ | sort)
+  mapfile -t all_tests < <(ls tests/ | sort)
+  read -r -a patterns <<<"${GPU_RUN_TESTS:-}"
+  tests=()
+  for t in "${all_tests[@]}"; do
+    if ((${#patterns[@]} == 0)); then
+      tests+=("$t")
+      continue
+    fi
+    for pat in "${patterns[@]}"; do
+      # shellcheck disable=SC2053 # a pattern on purpose
+      if [[ "$t" == $pat ]]; then
+        tests+=("$t")
+        break
+      fi
+    done
+  done
   ordered=()
   for t in "${tests[@]}"; do [[ "$t" == gpu* ]] && ordered+=("$t"); done
   for t in "${tests[@]}"; do [[ "$t" != gpu* ]] && ordered+=("$t"); done
   for t in "${ordered[@]}"; do
-    limit=60
-    [[ "$t" == gpu ]] && limit=150
-    [[ "$t" == gpu_persistent ]] && limit=120
+    limit=45
+    [[ "$t" == gpu ]] && limit=120
+    [[ "$t" == gpu_persistent ]] && limit=90
     step "test $t" "$limit" "$logs/test-$t.log" "./tests/$t" --include-ignored
   done
   grep -h "NOT RUN:" "$logs"/test-*.log 2>/dev/null | sed 's/^/  /' | sort -u | tee -a "$summary"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device call (the `device` tool's `run`), from the repository root of a working tree
+# that carries a bundle made by ci/gpu-bundle.sh in .bundle/:
+#   device run: carry [".bundle"], command "bash ci/gpu-session.sh 430", timeout_s 500
+# It runs .bundle/gpu-all.sh (tests, checks, the measurement, the sanitizers) into a
+# scratch folder, then copies back what fits the tool's limits on returned files (at most
+# 8 files, flat): summary.txt, targets.txt, the records JSON, the chart, ab.txt (when a
+# baseline binary is there, below), and every log packed into gpu-logs.tar.gz. The last
+# lines printed are the summaries, the targets and the A/B's geomean.
+#
+# Usage: bash ci/gpu-session.sh [BUDGET_S]   (default 430: gpu-all.sh's whole budget;
+#        give the call ~60 s more as its timeout so the packing always runs)
+# Environment: GPU_RUN_TESTS (default "gpu* bnorm-unit bnorm-cli-*": the executables that
+# touch the GPU; the CPU-only integration tests run in CI), and everything gpu-all.sh,
+# gpu-run.sh and gpu-bench.sh read.
+set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bundle="$root/.bundle"
+budget="${1:-430}"
+out="${OUT:-$root/gpu-session-out}"
+work="$(mktemp -d /tmp/gpu-session.XXXXXX)"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+export GPU_RUN_TESTS="${GPU_RUN_TESTS:-gpu* bnorm-unit bnorm-cli-*}"
+
+if [[ ! -x "$bundle/gpu-all.sh" ]]; then
+  echo "gpu-session: no bundle in $bundle (run ci/gpu-bundle.sh here and carry .bundle)" >&2
+  exit 2
+fi
+GPU_ALL_BUDGET_S="$budget" "$bundle/gpu-all.sh" "$work" >"$work/gpu-all.log" 2>&1
+status=$?
+
+# A/B against a baseline binary put in the bundle by hand (.bundle/bnorm-base, e.g. the
+# previous commit's bnorm): both alternate over the same cases in this call (GPU_AB_ARGS,
+# GPU_AB_ROUNDS, at most GPU_AB_LIMIT_S seconds).
+if [[ -x "$bundle/bnorm-base" ]]; then
+  read -r -a ab_args <<<"${GPU_AB_ARGS:---device cuda --suite resnet50 --batch 256 --combos f32:cf,f16:cl,bf16:cl --ops forward_train,backward --reps 20 --warmup 3}"
+  timeout --signal=INT --kill-after=10 "${GPU_AB_LIMIT_S:-150}" \
+    bash "$root/ci/gpu-ab.sh" "$bundle/bnorm-base" "$bundle/bnorm" "${GPU_AB_ROUNDS:-2}" "$work/ab" -- "${ab_args[@]}" \
+    >"$work/ab.txt" 2>&1 || echo "gpu-session: the A/B step failed or ran out of time (exit $?)" >>"$work/ab.txt"
+  cp "$work/ab.txt" "$out/ab.txt"
+fi
+
+cp "$work/summary.txt" "$out/summary.txt" 2>/dev/null
+cp "$work/bench/targets.txt" "$out/targets.txt" 2>/dev/null
+for f in "$work"/bench/docs/bench/*.json; do [[ -f "$f" ]] && cp "$f" "$out/"; done
+cp "$work/bench/chart.svg" "$out/chart.svg" 2>/dev/null
+tar czf "$out/gpu-logs.tar.gz" -C "$work" . 2>/dev/null
+
+cat "$work/summary.txt" 2>/dev/null || tail -n 40 "$work/gpu-all.log"
+echo
+# the targets table's summary part (the per-case table is in targets.txt)
+sed -n '/^issue 4 targets/,$p' "$work/bench/targets.txt" 2>/dev/null
+[[ -f "$work/ab.txt" ]] && tail -n 3 "$work/ab.txt"
+ls -l "$out"
+exit $status
