@@ -335,7 +335,7 @@ __device__ __forceinline__ void fwd_persist_nchw(const BnArgs& a) {
       const u64 total = (u64)C * splits;
       if (threadIdx.x == 0) put(a.partials, total, (u64)c * splits + split, mb);
       grid_barrier(a.counters, gridDim.x * gridDim.y);
-      mb = fold_partials<Moments>(a.partials, total, (u64)c * splits, 1, (u32)threadIdx.x, splits, (u32)BN_THREADS);
+      mb = fold_partials<Moments, 1>(a.partials, total, (u64)c * splits, 1, (u32)threadIdx.x, splits, (u32)BN_THREADS);
       mb = block_merge(mb, sm_warp);
     }
     if (threadIdx.x == 0) {
@@ -383,7 +383,7 @@ __device__ __forceinline__ void bwd_persist_nchw(const BnArgs& a) {
       const u64 total = (u64)C * splits;
       if (threadIdx.x == 0) put(a.partials, total, (u64)c * splits + split, sb);
       grid_barrier(a.counters, gridDim.x * gridDim.y);
-      sb = fold_partials<Sums>(a.partials, total, (u64)c * splits, 1, (u32)threadIdx.x, splits, (u32)BN_THREADS);
+      sb = fold_partials<Sums, 1>(a.partials, total, (u64)c * splits, 1, (u32)threadIdx.x, splits, (u32)BN_THREADS);
       sb = block_merge(sb, sm_warp);
     }
     if (threadIdx.x == 0) {
@@ -463,7 +463,7 @@ __device__ __forceinline__ void fwd_persist_nhwc(const BnArgs& a) {
       grid_barrier(a.counters, gridDim.x * gridDim.y);
 #pragma unroll
       for (int v = 0; v < V; ++v)
-        m[v] = active ? fold_partials<Moments>(a.partials, total, (u64)ch0 + v, C, (u32)t.ty, splits, (u32)t.bdy) : mo_empty();
+        m[v] = active ? fold_partials<Moments, 1>(a.partials, total, (u64)ch0 + v, C, (u32)t.ty, splits, (u32)t.bdy) : mo_empty();
       column_merge<V>(m, sm, t);
     }
     if (t.ty == 0 && active) {
@@ -534,7 +534,7 @@ __device__ __forceinline__ void bwd_persist_nhwc(const BnArgs& a) {
       grid_barrier(a.counters, gridDim.x * gridDim.y);
 #pragma unroll
       for (int v = 0; v < V; ++v)
-        s[v] = active ? fold_partials<Sums>(a.partials, total, (u64)ch0 + v, C, (u32)t.ty, splits, (u32)t.bdy) : sums_zero();
+        s[v] = active ? fold_partials<Sums, 1>(a.partials, total, (u64)ch0 + v, C, (u32)t.ty, splits, (u32)t.bdy) : sums_zero();
       column_sum<V>(s, sm, t);
     }
     if (t.ty == 0 && active) {

@@ -339,17 +339,19 @@ struct Partial<Sums> {
 // a channels-last tile's last block folds every split of its channels with bdy threads per
 // channel (528 splits, 8 threads: 66 slots each on an H200), and one L2 round trip per
 // slot left the rest of the GPU idle for tens of microseconds. Same order, same bits.
+// The persistent kernels pass B = 1: their splits are co-resident blocks (a few per
+// channel), and the batch's registers made two of them spill.
 #define BN_FOLD_BATCH 8
-template <typename T, typename I>
+template <typename T, int B = BN_FOLD_BATCH, typename I>
 __device__ __forceinline__ T fold_partials(const float* p, u64 total, u64 base, u64 step, I first, I splits, I stride) {
   T acc = Partial<T>::zero();
   I k = first;
-  for (; k + (I)(BN_FOLD_BATCH - 1) * stride < splits; k += (I)BN_FOLD_BATCH * stride) {
-    T got[BN_FOLD_BATCH];
+  for (; k + (I)(B - 1) * stride < splits; k += (I)B * stride) {
+    T got[B];
 #pragma unroll
-    for (int j = 0; j < BN_FOLD_BATCH; ++j) got[j] = Partial<T>::get(p, total, base + (u64)(k + (I)j * stride) * step);
+    for (int j = 0; j < B; ++j) got[j] = Partial<T>::get(p, total, base + (u64)(k + (I)j * stride) * step);
 #pragma unroll
-    for (int j = 0; j < BN_FOLD_BATCH; ++j) acc = Partial<T>::combine(acc, got[j]);
+    for (int j = 0; j < B; ++j) acc = Partial<T>::combine(acc, got[j]);
   }
   for (; k < splits; k += stride) acc = Partial<T>::combine(acc, Partial<T>::get(p, total, base + (u64)k * step));
   return acc;
