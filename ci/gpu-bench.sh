@@ -112,6 +112,16 @@ first = [d for d in dirs if glob.glob(os.path.join(d, "libcudnn.so*"))]
 print(":".join(first + [d for d in dirs if d not in first]))
 EOF
 )"
+# cudarc asks the loader for `libcudnn.so` before `libcudnn.so.9`, and a wheel ships only the
+# versioned name: a system libcudnn.so elsewhere on the path would win (the first H200 run
+# loaded cuDNN 9.14.0 while PyTorch used its wheel's 9.19.0). An unversioned link to the
+# wheel's library, first on the path, makes the peer load the library PyTorch uses.
+wheel_cudnn="$(ls "${cudnn_path%%:*}"/libcudnn.so.9 2>/dev/null | head -n 1 || true)"
+if [[ -n "$wheel_cudnn" ]]; then
+  cudnn_link="$(mktemp -d /tmp/bnorm-cudnn-link.XXXXXX)"
+  ln -s "$wheel_cudnn" "$cudnn_link/libcudnn.so"
+  cudnn_path="$cudnn_link:$cudnn_path"
+fi
 export LD_LIBRARY_PATH="${cudnn_path}${cudnn_path:+:}${LD_LIBRARY_PATH:-}"
 {
   echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -119,7 +129,9 @@ export LD_LIBRARY_PATH="${cudnn_path}${cudnn_path:+:}${LD_LIBRARY_PATH:-}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || echo "nvidia-smi failed"
   "$PY" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"); print("python", sys.version.split()[0])' 2>&1
   echo "LD_LIBRARY_PATH (for libcudnn): $LD_LIBRARY_PATH"
-  ls "${cudnn_path%%:*}"/libcudnn.so* 2>/dev/null || echo "no libcudnn.so* found under python's site-packages"
+  ls -l "${cudnn_path%%:*}"/libcudnn.so* 2>/dev/null || echo "no libcudnn.so* found under python's site-packages"
+  echo "every libcudnn.so the loader's cache knows:"
+  ldconfig -p 2>/dev/null | grep 'libcudnn\.so' || echo "  (none)"
   [[ -f "$here/MANIFEST.txt" ]] && cat "$here/MANIFEST.txt"
   "$BNORM" info 2>&1
 } >"$out/env.txt" 2>&1
