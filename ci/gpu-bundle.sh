@@ -7,6 +7,9 @@
 #                and would push the bundle past 64 MiB), debug info stripped
 #   bnorm        the command-line tool (package bnorm-cli, with its `cudnn` feature: the cuDNN
 #                peer of `bnorm bench`, libcudnn loaded at run time), when the workspace has it
+#   bnorm-variant  the same tool with the kernels compiled with GPU_BUNDLE_VARIANT_FLAGS
+#                (nvcc flags, e.g. "-DBN_STATS_ROWS_GROUPS=2"; only when that is set, in a
+#                target folder of its own): ci/gpu-session.sh then A/Bs bnorm against it
 #   gpu-run.sh   runs the tests and checks there (see that script)
 #   gpu-bench.sh the measurement of issue 4 against cuDNN and PyTorch (see that script)
 #   torch_bench.py  the PyTorch peer it runs
@@ -77,6 +80,14 @@ if [[ -f "$root/cli/Cargo.toml" ]]; then
   strip --strip-debug "$dest/bnorm" 2>/dev/null || true
 else
   echo "gpu-bundle: no cli/ package, no bnorm binary in the bundle" >&2
+fi
+if [[ -n "${GPU_BUNDLE_VARIANT_FLAGS:-}" && -f "$root/cli/Cargo.toml" ]]; then
+  echo "gpu-bundle: building bnorm-variant (BNORM_NVCC_FLAGS=$GPU_BUNDLE_VARIANT_FLAGS)" >&2
+  BNORM_NVCC_FLAGS="$GPU_BUNDLE_VARIANT_FLAGS" cargo build --release -p bnorm-cli --features cudnn \
+    --target-dir "$target_dir/variant"
+  cp "$target_dir/variant/release/bnorm" "$dest/bnorm-variant"
+  strip --strip-debug "$dest/bnorm-variant" 2>/dev/null || true
+  echo "$GPU_BUNDLE_VARIANT_FLAGS" >"$dest/bnorm-variant.flags"
 fi
 for f in gpu-run.sh gpu-bench.sh gpu-all.sh torch_bench.py; do
   cp "$root/ci/$f" "$dest/$f"

@@ -8,6 +8,11 @@
 # baseline binary is there, below), and every log packed into gpu-logs.tar.gz. The last
 # lines printed are the summaries, the targets and the A/B's geomean.
 #
+# Next GPU session, first call (the two-group statistics loop, docs/perf-notes.md):
+#   here:  GPU_BUNDLE_VARIANT_FLAGS=-DBN_STATS_ROWS_GROUPS=2 ci/gpu-bundle.sh
+#   there: GPU_AB_ARGS="--device cuda --suite resnet50 --batch 256 --combos f32:cl,f16:cl,bf16:cl
+#          --ops forward_train --reps 20 --warmup 3" GPU_AB_ROUNDS=3 bash ci/gpu-session.sh 230
+#
 # Usage: bash ci/gpu-session.sh [BUDGET_S]   (default 430: gpu-all.sh's whole budget;
 #        give the call ~60 s more as its timeout so the packing always runs)
 # Environment: GPU_RUN_TESTS (default "gpu* bnorm-unit bnorm-cli-*": the executables that
@@ -30,14 +35,25 @@ fi
 GPU_ALL_BUDGET_S="$budget" "$bundle/gpu-all.sh" "$work" >"$work/gpu-all.log" 2>&1
 status=$?
 
-# A/B against a baseline binary put in the bundle by hand (.bundle/bnorm-base, e.g. the
-# previous commit's bnorm): both alternate over the same cases in this call (GPU_AB_ARGS,
-# GPU_AB_ROUNDS, at most GPU_AB_LIMIT_S seconds).
-if [[ -x "$bundle/bnorm-base" ]]; then
+# A/B, both binaries alternating over the same cases in this call (GPU_AB_ARGS,
+# GPU_AB_ROUNDS, at most GPU_AB_LIMIT_S seconds): bnorm against a compile-time variant of
+# its kernels (.bundle/bnorm-variant, from gpu-bundle.sh's GPU_BUNDLE_VARIANT_FLAGS), else
+# a baseline binary put in the bundle by hand (.bundle/bnorm-base, e.g. the previous
+# commit's) against bnorm.
+ab_pair=()
+if [[ -x "$bundle/bnorm-variant" ]]; then
+  ab_pair=("$bundle/bnorm" "$bundle/bnorm-variant")
+  echo "A/B: base = bnorm, new = bnorm-variant ($(cat "$bundle/bnorm-variant.flags" 2>/dev/null))" >"$work/ab-what.txt"
+elif [[ -x "$bundle/bnorm-base" ]]; then
+  ab_pair=("$bundle/bnorm-base" "$bundle/bnorm")
+  echo "A/B: base = bnorm-base, new = bnorm" >"$work/ab-what.txt"
+fi
+if ((${#ab_pair[@]} == 2)); then
   read -r -a ab_args <<<"${GPU_AB_ARGS:---device cuda --suite resnet50 --batch 256 --combos f32:cf,f16:cl,bf16:cl --ops forward_train,backward --reps 20 --warmup 3}"
   timeout --signal=INT --kill-after=10 "${GPU_AB_LIMIT_S:-150}" \
-    bash "$root/ci/gpu-ab.sh" "$bundle/bnorm-base" "$bundle/bnorm" "${GPU_AB_ROUNDS:-2}" "$work/ab" -- "${ab_args[@]}" \
-    >"$work/ab.txt" 2>&1 || echo "gpu-session: the A/B step failed or ran out of time (exit $?)" >>"$work/ab.txt"
+    bash "$root/ci/gpu-ab.sh" "${ab_pair[@]}" "${GPU_AB_ROUNDS:-2}" "$work/ab" -- "${ab_args[@]}" \
+    >"$work/ab-run.txt" 2>&1 || echo "gpu-session: the A/B step failed or ran out of time (exit $?)" >>"$work/ab-run.txt"
+  cat "$work/ab-what.txt" "$work/ab-run.txt" >"$work/ab.txt"
   cp "$work/ab.txt" "$out/ab.txt"
 fi
 

@@ -10,17 +10,34 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$root/target/kernel-emu}"
 mkdir -p "$out"
 CXX="${CXX:-g++}"
-"$CXX" -std=c++20 -O2 -g -U_FORTIFY_SOURCE -Wall -Wno-unused-function -Wno-unknown-pragmas -Wno-maybe-uninitialized \
-  -o "$out/emu_test" "$root/kernels/emu/emu_test.cpp"
-# one process per dtype, in parallel
-pids=()
-for t in f32 f16 bf16; do
-  "$out/emu_test" "$t" >"$out/emu-$t.log" 2>&1 &
-  pids+=($!)
-done
+# Two builds: the kernels as shipped, and with the compile-time variants a GPU run may
+# A/B (ci/gpu-bundle.sh's GPU_BUNDLE_VARIANT_FLAGS), so a variant is correct before it is timed.
+VARIANT_FLAGS=(-DBN_STATS_ROWS_GROUPS=2)
+build() {
+  "$CXX" -std=c++20 -O2 -g -U_FORTIFY_SOURCE -Wall -Wno-unused-function -Wno-unknown-pragmas -Wno-maybe-uninitialized \
+    "$@" "$root/kernels/emu/emu_test.cpp"
+}
+build -o "$out/emu_test" &
+b1=$!
+build "${VARIANT_FLAGS[@]}" -o "$out/emu_test_variant" &
+b2=$!
+wait $b1 && wait $b2
+# one process per dtype, one build after the other
 status=0
-for i in 0 1 2; do
-  wait "${pids[$i]}" || status=1
+logs=()
+for bin in emu_test emu_test_variant; do
+  pids=()
+  for t in f32 f16 bf16; do
+    "$out/$bin" "$t" >"$out/$bin-$t.log" 2>&1 &
+    pids+=($!)
+    logs+=("$out/$bin-$t.log")
+  done
+  for p in "${pids[@]}"; do
+    wait "$p" || status=1
+  done
 done
-cat "$out"/emu-f32.log "$out"/emu-f16.log "$out"/emu-bf16.log
+for l in "${logs[@]}"; do
+  case "$l" in *variant*) printf '%s ' "variant (${VARIANT_FLAGS[*]}):" ;; esac
+  cat "$l"
+done
 exit $status

@@ -28,6 +28,14 @@ typedef unsigned long long u64;
 #define BN_REDUCE_UNROLL_SCALAR 8
 #define BN_EW_ELEMS 8
 #define BN_EW_UNROLL_SCALAR 4
+// Groups per loop iteration of the channels-last forward statistics (strided's G). 1 by
+// default; 2 is an experiment for the next GPU run (BNORM_NVCC_FLAGS=
+// -DBN_STATS_ROWS_GROUPS=2, ci/gpu-bundle.sh's variant): 8 loads in flight instead of 4,
+// 124 registers instead of 102 on sm_90, no spills; not measured yet (docs/perf-notes.md).
+// The backward's sums, with two tensors per group, spill at 2.
+#ifndef BN_STATS_ROWS_GROUPS
+#define BN_STATS_ROWS_GROUPS 1
+#endif
 template <int V>
 struct Unroll {
   static constexpr int value = V == 1 ? BN_REDUCE_UNROLL_SCALAR : BN_REDUCE_LANES / V;
@@ -126,9 +134,23 @@ __device__ __forceinline__ u64 fast_div<u64>(u64 n, const DivMod& d) {
 // i + (U-1) * stride) first, so a thread has U independent loads in flight, then the
 // leftover indices one by one. No overflow for I = u32: the host only picks 32-bit
 // indices when every index and stride is below 2^31.
-template <int U, class I, class Group, class Single>
+//
+// G > 1 first visits G groups per iteration, written out, so the compiler may issue the
+// later groups' loads before the first group's arithmetic (G * U loads in flight where the
+// registers allow). (G * U - 1) * stride must fit in I: the channels-last statistics, the
+// only caller with G > 1 (BN_STATS_ROWS_GROUPS), stride by splits * bdy < 2^24 rows.
+template <int U, int G = 1, class I, class Group, class Single>
 __device__ __forceinline__ void strided(I start, I end, I stride, Group group, Single single) {
   I i = start;
+  if (G > 1) {
+    const I gspan = (I)(G * U - 1) * stride;
+    const I glimit = end > gspan ? end - gspan : (I)0;
+#pragma unroll 1
+    for (; i < glimit; i += (I)(G * U) * stride) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) group(i + (I)(g * U) * stride);
+    }
+  }
   const I span = (I)(U - 1) * stride;
   const I limit = end > span ? end - span : (I)0;
   // Unrolled by hand (U); further unrolling by the compiler would only add registers.

@@ -112,7 +112,7 @@ __device__ __forceinline__ void stats_nhwc(const BnArgs& a) {
       IO<E, V>::load(x + ch0, pivot);
       Lanes<V, U> acc;
       acc.init();
-      strided<U>(
+      strided<U, BN_STATS_ROWS_GROUPS>(
           split * (I)t.bdy + (I)t.ty, R, rstride,
           [&](I r) {
             float v[K];
