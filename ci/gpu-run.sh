@@ -13,8 +13,6 @@
 #
 # Usage: ./gpu-run.sh [LOG_DIR]        (default: $OUT when set, else ./logs)
 # Environment: GPU_RUN_STEPS (default "tests check bench sanitizer": the steps to run),
-# GPU_RUN_TESTS (default: every executable in tests/; else a space-separated list of shell
-# patterns, e.g. "gpu* bnorm-unit": the CPU-only integration tests already run in CI),
 # GPU_RUN_BUDGET_S (default 345: the sanitizers get what is left of it). gpu-all.sh uses
 # them to run the tests, then gpu-bench.sh, then the sanitizers in one call.
 # Exit status: 0 when every step that ran passed.
@@ -71,22 +69,8 @@ fi
 
 # 1. every test executable, ignored tests included. GPU tests first: they matter most.
 if wants tests; then
-  mapfile -t all_tests < <(ls tests/ | sort)
-  read -r -a patterns <<<"${GPU_RUN_TESTS:-}"
-  tests=()
-  for t in "${all_tests[@]}"; do
-    if ((${#patterns[@]} == 0)); then
-      tests+=("$t")
-      continue
-    fi
-    for pat in "${patterns[@]}"; do
-      # shellcheck disable=SC2053 # a pattern on purpose
-      if [[ "$t" == $pat ]]; then
-        tests+=("$t")
-        break
-      fi
-    done
-  done
+  # the bundle holds the test executables that touch a GPU (gpu-bundle.sh chose them)
+  mapfile -t tests < <(ls tests/ | sort)
   ordered=()
   for t in "${tests[@]}"; do [[ "$t" == gpu* ]] && ordered+=("$t"); done
   for t in "${tests[@]}"; do [[ "$t" != gpu* ]] && ordered+=("$t"); done

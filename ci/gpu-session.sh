@@ -15,9 +15,7 @@
 #
 # Usage: bash ci/gpu-session.sh [BUDGET_S]   (default 430: gpu-all.sh's whole budget;
 #        give the call ~60 s more as its timeout so the packing always runs)
-# Environment: GPU_RUN_TESTS (default "gpu* bnorm-unit bnorm-cli-*": the executables that
-# touch the GPU; the CPU-only integration tests run in CI), and everything gpu-all.sh,
-# gpu-run.sh and gpu-bench.sh read.
+# Environment: GPU_AB_* (below), and everything gpu-all.sh, gpu-run.sh and gpu-bench.sh read.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bundle="$root/.bundle"
@@ -26,7 +24,6 @@ out="${OUT:-$root/gpu-session-out}"
 work="$(mktemp -d /tmp/gpu-session.XXXXXX)"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-export GPU_RUN_TESTS="${GPU_RUN_TESTS:-gpu* bnorm-unit bnorm-cli-*}"
 
 if [[ ! -x "$bundle/gpu-all.sh" ]]; then
   echo "gpu-session: no bundle in $bundle (run ci/gpu-bundle.sh here and carry .bundle)" >&2
@@ -43,17 +40,16 @@ status=$?
 ab_pair=()
 if [[ -x "$bundle/bnorm-variant" ]]; then
   ab_pair=("$bundle/bnorm" "$bundle/bnorm-variant")
-  echo "A/B: base = bnorm, new = bnorm-variant ($(cat "$bundle/bnorm-variant.flags" 2>/dev/null))" >"$work/ab-what.txt"
+  echo "A/B: base = bnorm, new = bnorm-variant ($(cat "$bundle/bnorm-variant.flags" 2>/dev/null))" >"$work/ab.txt"
 elif [[ -x "$bundle/bnorm-base" ]]; then
   ab_pair=("$bundle/bnorm-base" "$bundle/bnorm")
-  echo "A/B: base = bnorm-base, new = bnorm" >"$work/ab-what.txt"
+  echo "A/B: base = bnorm-base, new = bnorm" >"$work/ab.txt"
 fi
 if ((${#ab_pair[@]} == 2)); then
   read -r -a ab_args <<<"${GPU_AB_ARGS:---device cuda --suite resnet50 --batch 256 --combos f32:cf,f16:cl,bf16:cl --ops forward_train,backward --reps 20 --warmup 3}"
   timeout --signal=INT --kill-after=10 "${GPU_AB_LIMIT_S:-150}" \
     bash "$root/ci/gpu-ab.sh" "${ab_pair[@]}" "${GPU_AB_ROUNDS:-2}" "$work/ab" -- "${ab_args[@]}" \
-    >"$work/ab-run.txt" 2>&1 || echo "gpu-session: the A/B step failed or ran out of time (exit $?)" >>"$work/ab-run.txt"
-  cat "$work/ab-what.txt" "$work/ab-run.txt" >"$work/ab.txt"
+    >>"$work/ab.txt" 2>&1 || echo "gpu-session: the A/B step failed or ran out of time (exit $?)" >>"$work/ab.txt"
   cp "$work/ab.txt" "$out/ab.txt"
 fi
 

@@ -21,7 +21,10 @@ build -o "$out/emu_test" &
 b1=$!
 build "${VARIANT_FLAGS[@]}" -o "$out/emu_test_variant" &
 b2=$!
-wait $b1 && wait $b2
+# each on its own line: under `set -e` a failing wait stops the script here (in an `&&`
+# list a failed first build would be skipped over and a stale binary run)
+wait "$b1"
+wait "$b2"
 # one process per dtype, one build after the other
 status=0
 logs=()
