@@ -1,5 +1,5 @@
 //! Ops small enough to run on the calling thread (`CpuDevice::with_inline_below`) cut
-//! their work into the same tasks as on the pool: both give the same bits, for every op,
+//! their work into the same tasks as with the pool's helpers: both give the same bits, for every op,
 //! dtype and memory pattern (planes with few and many channels, the fused channels-first
 //! path, rows), with ReLU, residual and parameter gradients. (Both run on the same input
 //! buffers: the rows kernels' summation order depends on where `x` starts in memory.)

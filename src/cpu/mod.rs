@@ -9,6 +9,7 @@ mod kernels;
 mod partition;
 mod scratch;
 pub(crate) mod simd;
+mod team;
 
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -16,7 +17,6 @@ use crate::shape::{Pattern, Shape};
 use crate::stats::Moments;
 use kernels::*;
 use partition::Split;
-use rayon::prelude::*;
 use simd::dispatch;
 pub use simd::SimdLevel;
 use std::sync::Arc;
@@ -24,11 +24,20 @@ use std::sync::Arc;
 /// A CPU "device": a thread pool (rayon's global one unless told otherwise) and the SIMD
 /// level the kernels run with.
 ///
+/// An op runs on the thread that calls it, with `threads - 1` of the pool's threads
+/// helping: each of its passes is cut into tasks that the caller and the helpers take
+/// from a shared queue, so the caller starts at once instead of handing the op to the
+/// pool and sleeping until it is done, and an op occupies as many threads as the pool
+/// has. Between the passes of an op, and for up to a millisecond while the others
+/// finish their last task, the threads spin instead of sleeping (as OpenMP's do), so
+/// that back-to-back passes and ops do not pay a wake-up each. Several threads calling
+/// ops at once each run their own op, with helpers from the same pool.
+///
 /// The ops' per-channel temporaries (accumulators, partial statistics, parameter arrays)
 /// come from per-thread pools that keep freed buffers for the next op, so a steady stream
 /// of ops does not allocate: each thread that ran or called an op holds at most 16 MiB of
 /// them (32 buffers of at most 4 MiB) until it exits. Ops on fewer than [`INLINE_BELOW`]
-/// values run on the calling thread ([`CpuDevice::with_inline_below`]).
+/// values run on the calling thread alone ([`CpuDevice::with_inline_below`]).
 ///
 /// ```
 /// use bnorm::cpu::{CpuDevice, SimdLevel};
@@ -218,7 +227,9 @@ impl CpuDevice {
         self
     }
 
-    /// Use a dedicated pool of `threads` threads.
+    /// Use a dedicated pool of `threads` threads: an op runs on its calling thread and
+    /// `threads - 1` of them (the last one serves a second thread calling ops at the
+    /// same time).
     pub fn with_threads(mut self, threads: usize) -> Result<CpuDevice> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -252,7 +263,7 @@ impl CpuDevice {
         self.simd
     }
 
-    /// Threads the ops run on.
+    /// Threads an op runs on: the calling thread and `threads() - 1` helpers from the pool.
     pub fn threads(&self) -> usize {
         match &self.pool {
             Some(p) => p.current_num_threads(),
@@ -261,13 +272,13 @@ impl CpuDevice {
     }
 
     /// Run ops on fewer than `values` values (elements of `x`) on the calling thread
-    /// instead of the pool ([`INLINE_BELOW`] by default; 0: always the pool).
+    /// alone, without helpers from the pool ([`INLINE_BELOW`] by default; 0: always with
+    /// helpers).
     ///
-    /// Handing an op to the pool and waiting for it costs a few microseconds (waking
-    /// threads), more than a small op's work: a 1x64x7x7 f32 inference took 6-9 us on
-    /// the pool and under 1 us on the calling thread. An inlined op cuts its work into the
-    /// same tasks in the same order as on the pool, so its results are the same, bit for
-    /// bit.
+    /// Waking a helper and waiting for it costs a few microseconds, more than a small
+    /// op's work: a 1x64x7x7 f32 inference took 6-9 us handed to the pool and under 1 us
+    /// on the calling thread. An inlined op cuts its work into the same tasks in the same
+    /// order as with helpers, so its results are the same, bit for bit.
     ///
     /// ```
     /// use bnorm::cpu::{CpuDevice, INLINE_BELOW};
@@ -291,7 +302,8 @@ impl CpuDevice {
     }
 
     /// Run `f` inside this device's thread pool (rayon calls in `f` use its threads), or
-    /// right here for an inline op.
+    /// right here for an inline op. The ops themselves do not need it: they run on the
+    /// calling thread with `threads - 1` of the pool's threads helping (see [`CpuDevice`]).
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
             Some(p) if !self.inline => p.install(f),
@@ -299,33 +311,34 @@ impl CpuDevice {
         }
     }
 
-    /// `f(0), .., f(n - 1)` in order into `out`: tasks on the pool, or one after the other
-    /// on this thread for an inline op.
-    fn map_tasks<R: Send>(&self, n: usize, f: impl Fn(usize) -> R + Sync + Send, out: &mut Vec<R>) {
-        if self.inline {
-            out.clear();
-            out.extend((0..n).map(f));
-        } else {
-            (0..n).into_par_iter().map(f).collect_into_vec(out);
-        }
+    /// `f(k, item k)` for every item, results in order into `out`: on the calling thread
+    /// with `threads - 1` pool threads helping, or on the calling thread alone for an inline
+    /// op.
+    fn fork_join<I: Send, R: Send>(
+        &self,
+        items: impl Iterator<Item = I> + Send,
+        f: impl Fn(usize, I) -> R + Sync,
+        out: &mut Vec<R>,
+    ) {
+        let helpers = if self.inline { 0 } else { self.threads() - 1 };
+        team::fork_join(self.pool.as_deref(), helpers, items, f, out);
     }
 
-    /// `f(k, items[k])` for every item, results in order, as [`map_tasks`](Self::map_tasks).
-    fn map_items<I: Send, R: Send>(&self, items: Vec<I>, f: impl Fn(usize, I) -> R + Sync + Send) -> Vec<R> {
-        if self.inline {
-            items.into_iter().enumerate().map(|(k, i)| f(k, i)).collect()
-        } else {
-            items.into_par_iter().enumerate().map(|(k, i)| f(k, i)).collect()
-        }
+    /// `f(0), .., f(n - 1)` in order into `out` ([`fork_join`](Self::fork_join)).
+    fn map_tasks<R: Send>(&self, n: usize, f: impl Fn(usize) -> R + Sync, out: &mut Vec<R>) {
+        self.fork_join(0..n, |k, _| f(k), out);
     }
 
-    /// `f(t, piece t)` for the `chunk`-long pieces of `buf`, as [`map_tasks`](Self::map_tasks).
-    fn for_chunks<T: Send>(&self, buf: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
-        if self.inline {
-            buf.chunks_mut(chunk).enumerate().for_each(|(t, b)| f(t, b));
-        } else {
-            buf.par_chunks_mut(chunk).enumerate().for_each(|(t, b)| f(t, b));
-        }
+    /// `f(k, items[k])` for every item, results in order ([`fork_join`](Self::fork_join)).
+    fn map_items<I: Send, R: Send>(&self, items: Vec<I>, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
+        let mut out = Vec::with_capacity(items.len());
+        self.fork_join(items.into_iter(), f, &mut out);
+        out
+    }
+
+    /// `f(t, piece t)` for the `chunk`-long pieces of `buf` ([`fork_join`](Self::fork_join)).
+    fn for_chunks<T: Send>(&self, buf: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+        self.fork_join(buf.chunks_mut(chunk), f, &mut Vec::new());
     }
 }
 
@@ -372,7 +385,7 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> To
     let level = dev.simd;
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let threads = dev.threads();
-    dev.install(|| match shape.pattern() {
+    match shape.pattern() {
         Pattern::Planes { n, c, s } => {
             let split = Split::runs(n, c, s, threads);
             let mut parts = Scratch::with_capacity(c * split.parts);
@@ -401,7 +414,7 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> To
             parts.iter().for_each(|p| total.merge(p));
             total
         }
-    })
+    }
 }
 
 /// Merge the `parts` partials of each channel (channel-major, in task order).
@@ -500,37 +513,32 @@ pub(crate) fn forward_training<T: Element>(
     affine: impl Fn(usize, &Totals, &[f64]) -> Scratch<ChannelAffine> + Sync,
 ) -> (Totals, Scratch<f64>) {
     let Some(f) = Fused::plan::<T>(shape, dev.threads(), 2) else {
-        // one hand-over to the pool for both passes (the inner `install`s run in place)
-        return dev.install(|| {
-            let moments = moments(dev, shape, a.x);
-            let invstd = moments.invstd(eps);
-            normalize(dev, shape, a, &affine(0, &moments, &invstd));
-            (moments, invstd)
-        });
+        let moments = moments(dev, shape, a.x);
+        let invstd = moments.invstd(eps);
+        normalize(dev, shape, a, &affine(0, &moments, &invstd));
+        return (moments, invstd);
     };
     let level = dev.simd;
     let Forward { x, z, y, relu } = a;
     let stream = dev.streams(T::DTYPE, y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
-    let per_group: Vec<(Totals, Scratch<f64>)> = dev.install(|| {
-        dev.map_items(groups, |k, ys: Vec<&mut [T]>| {
-            let moments = Totals::from_moments(
-                f.g,
-                f.channels(k).map(|ch| {
-                    dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32(), ahead })
-                }),
-            );
-            let invstd = moments.invstd(eps);
-            let maps = affine(f.channels(k).start, &moments, &invstd);
-            let mut slabs: Vec<NormSlab<'_, T>> = ys
-                .into_iter()
-                .enumerate()
-                .map(|(ni, y)| NormSlab { x: f.slab(x, k, ni), z: z.map(|z| f.slab(z, k, ni)), y, first: 0 })
-                .collect();
-            dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu, stream, ahead });
-            (moments, invstd)
-        })
+    let per_group: Vec<(Totals, Scratch<f64>)> = dev.map_items(groups, |k, ys: Vec<&mut [T]>| {
+        let moments = Totals::from_moments(
+            f.g,
+            f.channels(k).map(|ch| {
+                dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32(), ahead })
+            }),
+        );
+        let invstd = moments.invstd(eps);
+        let maps = affine(f.channels(k).start, &moments, &invstd);
+        let mut slabs: Vec<NormSlab<'_, T>> = ys
+            .into_iter()
+            .enumerate()
+            .map(|(ni, y)| NormSlab { x: f.slab(x, k, ni), z: z.map(|z| f.slab(z, k, ni)), y, first: 0 })
+            .collect();
+        dispatch(level, NormalizeSlabs { slabs: &mut slabs, run: f.s, maps: &maps, relu, stream, ahead });
+        (moments, invstd)
     });
     let (moments, invstd): (Vec<Totals>, Vec<Scratch<f64>>) = per_group.into_iter().unzip();
     (Totals::concat(&moments), Scratch::collect(f.c, invstd.iter().flat_map(|v| v.iter().copied())))
@@ -546,19 +554,17 @@ pub(crate) fn backward<T: Element>(
     grad: impl Fn(usize, &GradSums) -> GradMap + Sync,
 ) -> Scratch<GradSums> {
     let Some(f) = Fused::plan::<T>(shape, dev.threads(), 3) else {
-        return dev.install(|| {
-            let sums = grad_sums(dev, shape, a.dy, a.x, a.y, mean);
-            let maps = Scratch::collect(sums.len(), sums.iter().enumerate().map(|(ch, g)| grad(ch, g)));
-            grad_input(dev, shape, a, &maps);
-            sums
-        });
+        let sums = grad_sums(dev, shape, a.dy, a.x, a.y, mean);
+        let maps = Scratch::collect(sums.len(), sums.iter().enumerate().map(|(ch, g)| grad(ch, g)));
+        grad_input(dev, shape, a, &maps);
+        return sums;
     };
     let level = dev.simd;
     let stream = dev.streams(T::DTYPE, a.outputs());
     let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
     let Backward { x, y, dy, dx, dz } = a;
     let groups = paired(f.slabs(dx).into_iter(), dz.map(|dz| f.slabs(dz).into_iter()));
-    let per_group: Vec<Vec<GradSums>> = dev.install(|| {
+    let per_group: Vec<Vec<GradSums>> =
         dev.map_items(groups, |k, (dxs, dzs): (Vec<&mut [T]>, Option<Vec<&mut [T]>>)| {
             let inp = GradRun { dy, x, y };
             let sums: Vec<GradSums> = f
@@ -579,8 +585,7 @@ pub(crate) fn backward<T: Element>(
                 .collect();
             dispatch(level, GradSlabs { slabs: &mut slabs, run: f.s, maps: &maps, stream, ahead });
             sums
-        })
-    });
+        });
     Scratch::collect(f.c, per_group.into_iter().flatten())
 }
 
@@ -593,7 +598,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
     let Forward { x, z, y, relu } = a;
     let stream = dev.streams(T::DTYPE, y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
-    dev.install(|| match shape.pattern() {
+    match shape.pattern() {
         Pattern::Planes { s, .. } => {
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
             let runs_per = partition::runs_per_task(s);
@@ -629,7 +634,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
                 );
             });
         }
-    })
+    }
 }
 
 // ---------------------------------------------------------------- backward
@@ -646,7 +651,7 @@ pub(crate) fn grad_sums<T: Element>(
     let level = dev.simd;
     let ahead = dev.prefetch_ahead(T::DTYPE, backward_inputs(x, dy, y));
     let threads = dev.threads();
-    dev.install(|| match shape.pattern() {
+    match shape.pattern() {
         Pattern::Planes { n, c, s } => {
             let split = Split::runs(n, c, s, threads);
             let mut parts = Scratch::with_capacity(c * split.parts);
@@ -678,7 +683,7 @@ pub(crate) fn grad_sums<T: Element>(
             parts.iter().for_each(|p| total.add(p));
             total.sums()
         }
-    })
+    }
 }
 
 /// `dx = a * ((g - gmean) + k * (x - mean))` per channel, and `dz = g` when asked.
@@ -688,7 +693,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     let stream = dev.streams(T::DTYPE, a.outputs());
     let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
     let Backward { x, y, dy, dx, dz } = a;
-    dev.install(|| match shape.pattern() {
+    match shape.pattern() {
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
@@ -726,7 +731,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
                 );
             });
         }
-    })
+    }
 }
 
 /// The pieces of `dx` each paired with the same piece of `dz` when there is one (both cut
@@ -786,17 +791,31 @@ mod tests {
         assert_eq!(backward_inputs(fourth, fourth, Some(&half)), 2 * half.len());
     }
 
-    /// An op below the inline threshold runs on the calling thread, one at or above it on
-    /// the pool's threads; the threshold is the device's, 0 turns inlining off.
+    /// An op below the inline threshold runs on the calling thread alone, one at or above
+    /// it on the calling thread and a helper; the threshold is the device's, 0 turns
+    /// inlining off.
     #[test]
     fn small_ops_run_on_the_calling_thread() {
         let dev = CpuDevice::new().with_threads(2).unwrap();
         let here = std::thread::current().id();
+        // the threads that ran 16 tasks of 1 ms (long enough for a helper to wake)
+        let ran_on = |d: &CpuDevice| {
+            let mut ids = Vec::new();
+            let task = |_| {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::current().id()
+            };
+            d.map_tasks(16, task, &mut ids);
+            (ids.contains(&here), ids.iter().any(|id| *id != here))
+        };
+        assert_eq!(ran_on(&dev.for_op(INLINE_BELOW - 1)), (true, false));
+        assert_eq!(ran_on(&dev.for_op(INLINE_BELOW)), (true, true));
+        assert_eq!(ran_on(&dev.clone().with_inline_below(0).for_op(1)), (true, true));
+        assert_eq!(ran_on(&dev.clone().with_inline_below(usize::MAX).for_op(1 << 40)), (true, false));
+        // `install` runs user code on the pool, or here for an inline op
         let on = |d: &CpuDevice| d.install(|| std::thread::current().id());
         assert_eq!(on(&dev.for_op(INLINE_BELOW - 1)), here);
         assert_ne!(on(&dev.for_op(INLINE_BELOW)), here);
-        assert_ne!(on(&dev.clone().with_inline_below(0).for_op(1)), here);
-        assert_eq!(on(&dev.clone().with_inline_below(usize::MAX).for_op(1 << 40)), here);
         // the task helpers keep the order, inline or not
         for d in [dev.for_op(0), dev.for_op(INLINE_BELOW)] {
             let mut out = Vec::new();

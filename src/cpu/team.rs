@@ -1,0 +1,215 @@
+//! Fork-join with the calling thread taking part: the caller and `helpers` pool threads
+//! take an op's tasks from a shared queue, and wait for each other by spinning a while.
+//!
+//! rayon's own entry from a thread outside the pool (`ThreadPool::install`) parks the
+//! caller until the pool's threads are done, so every op pays two wake-ups (the pool's,
+//! then the caller's), and with as many pool threads as cores the parked caller is a
+//! thread too many. Here the caller is one of the op's threads: with `threads - 1`
+//! helpers an op runs on as many threads as the pool has, the caller starts at once, and
+//! a helper that is late (asleep) only takes fewer tasks. A helper that has run out of
+//! tasks spins until the fork-join's last task is done, and the caller spins for the
+//! helpers, so that back-to-back fork-joins (an op's two passes, a stream of ops) find
+//! each other awake instead of paying a wake-up each.
+//!
+//! Results come back in task order, whoever ran each task, so an op's results do not
+//! depend on scheduling.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long the caller spins for helpers still running a task before it blocks (a
+/// blocked caller costs a wake-up to resume).
+const SPIN_FOR: Duration = Duration::from_micros(200);
+
+/// How long a helper that has run out of tasks spins until the fork-join's last task is
+/// done (then it returns to the pool, which spins a little more before it sleeps).
+const LINGER_FOR: Duration = Duration::from_millis(1);
+
+/// `f(k, item k)` for every item, results in order into `out` (cleared first), on the
+/// calling thread and `helpers` threads of `pool` (rayon's global pool for `None`).
+pub(crate) fn fork_join<I: Send, R: Send>(
+    pool: Option<&rayon::ThreadPool>,
+    helpers: usize,
+    items: impl Iterator<Item = I> + Send,
+    f: impl Fn(usize, I) -> R + Sync,
+    out: &mut Vec<R>,
+) {
+    out.clear();
+    if helpers == 0 {
+        out.extend(items.enumerate().map(|(k, i)| f(k, i)));
+        return;
+    }
+    let queue = Queue::new(items, helpers + 1);
+    let shared = Shared {
+        left: AtomicUsize::new(queue.items.len()),
+        queue: Mutex::new(queue),
+        theirs: Mutex::new(Vec::new()),
+        busy: AtomicUsize::new(0),
+        f,
+    };
+    let shared = &shared;
+    let mine = match pool {
+        Some(p) => p.in_place_scope(|s| share(s, helpers, shared)),
+        None => rayon::in_place_scope(|s| share(s, helpers, shared)),
+    };
+    let mut all = std::mem::take(&mut *lock(&shared.theirs));
+    all.extend(mine);
+    all.sort_unstable_by_key(|(k, _)| *k);
+    out.extend(all.into_iter().map(|(_, r)| r));
+}
+
+/// What the participants of one fork-join share.
+struct Shared<I, R, F> {
+    queue: Mutex<Queue<I>>,
+    /// the helpers' results
+    theirs: Mutex<Vec<(usize, R)>>,
+    /// helpers that have started and not yet returned
+    busy: AtomicUsize,
+    /// tasks not yet done
+    left: AtomicUsize,
+    f: F,
+}
+
+impl<I, R, F: Fn(usize, I) -> R> Shared<I, R, F> {
+    /// Participant `p`'s share: tasks until the queue is empty, with their indices. The
+    /// queue's lock is held only to take an item, never while a task runs, so a panicking
+    /// task cannot poison it.
+    fn work(&self, p: usize) -> Vec<(usize, R)> {
+        let mut mine = Vec::new();
+        loop {
+            let next = lock(&self.queue).claim(p);
+            let Some((k, item)) = next else { return mine };
+            mine.push((k, (self.f)(k, item)));
+            self.left.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A lock that a panic elsewhere does not make unusable (the data behind it stays valid:
+/// nothing is left half-written while it is held).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Spin while `busy()` holds, for at most `limit`.
+fn spin_while(limit: Duration, busy: impl Fn() -> bool) {
+    let start = Instant::now();
+    while busy() && start.elapsed() < limit {
+        std::hint::spin_loop();
+    }
+}
+
+/// Inside the scope `s`: start `helpers` jobs that take tasks, hand their results over
+/// and linger, take tasks here, then spin for the helpers before the scope's end blocks.
+fn share<'s, I: Send, R: Send, F: Fn(usize, I) -> R + Sync>(
+    s: &rayon::Scope<'s>,
+    helpers: usize,
+    shared: &'s Shared<I, R, F>,
+) -> Vec<(usize, R)> {
+    for p in 1..=helpers {
+        s.spawn(move |_| {
+            shared.busy.fetch_add(1, Ordering::AcqRel);
+            let mine = shared.work(p);
+            lock(&shared.theirs).extend(mine);
+            spin_while(LINGER_FOR, || shared.left.load(Ordering::Acquire) > 0);
+            shared.busy.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+    let mine = shared.work(0);
+    spin_while(SPIN_FOR, || shared.busy.load(Ordering::Acquire) > 0);
+    mine
+}
+
+/// The tasks of a fork-join: participant p owns the p-th of as many contiguous segments
+/// as there are participants and takes its tasks from the front, in order, so that each
+/// thread streams through one contiguous stretch of memory (as rayon's halving split
+/// does); a participant whose segment is empty takes the last task of the fullest one.
+struct Queue<I> {
+    items: Vec<Option<I>>,
+    /// per participant: its segment's next and end index
+    next: Vec<usize>,
+    end: Vec<usize>,
+}
+
+impl<I> Queue<I> {
+    fn new(items: impl Iterator<Item = I>, participants: usize) -> Queue<I> {
+        let items: Vec<Option<I>> = items.map(Some).collect();
+        let n = items.len();
+        let bound = |p: usize| p * n / participants;
+        Queue { items, next: (0..participants).map(bound).collect(), end: (1..=participants).map(bound).collect() }
+    }
+
+    /// The next task of participant `p` and its index.
+    fn claim(&mut self, p: usize) -> Option<(usize, I)> {
+        let k = if self.next[p] < self.end[p] {
+            self.next[p] += 1;
+            self.next[p] - 1
+        } else {
+            let q = (0..self.next.len()).max_by_key(|&q| self.end[q] - self.next[q])?;
+            if self.end[q] == self.next[q] {
+                return None;
+            }
+            self.end[q] -= 1;
+            self.end[q]
+        };
+        self.items[k].take().map(|item| (k, item))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_come_back_in_task_order() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for helpers in 0..4 {
+            let mut out = vec![(7, 7)];
+            fork_join(Some(&pool), helpers, (0..1000).map(|i| i * 2), |k, v| (k, v + 1), &mut out);
+            assert_eq!(out, (0..1000).map(|k| (k, 2 * k + 1)).collect::<Vec<_>>());
+            let mut out = vec![1u8];
+            fork_join(None, helpers, std::iter::empty::<u8>(), |_, v| v, &mut out);
+            assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn queue_gives_each_owner_its_segment_in_order_then_steals_from_the_back() {
+        let mut q = Queue::new(10..20, 3); // segments 0..3, 3..6, 6..10
+        assert_eq!(q.claim(1), Some((3, 13)));
+        assert_eq!(q.claim(0), Some((0, 10)));
+        assert_eq!(q.claim(1), Some((4, 14)));
+        assert_eq!(q.claim(1), Some((5, 15)));
+        // participant 1's segment is empty: it takes the last task of the fullest (2's)
+        assert_eq!(q.claim(1), Some((9, 19)));
+        assert_eq!(q.claim(2), Some((6, 16)));
+        let mut rest: Vec<usize> = std::iter::from_fn(|| q.claim(0)).map(|(k, _)| k).collect();
+        rest.sort_unstable();
+        assert_eq!(rest, vec![1, 2, 7, 8]);
+        assert_eq!(q.claim(1), None);
+        assert_eq!(Queue::new(0..0, 2).claim(0), None);
+        // more participants than tasks
+        let mut q = Queue::new(0..2, 5);
+        let mut got: Vec<usize> = (0..5).filter_map(|p| q.claim(p)).map(|(k, _)| k).collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let task = |k, _| {
+                assert!(k != 57, "task 57");
+                k
+            };
+            fork_join(Some(&pool), 1, 0..100, task, &mut Vec::new());
+        }));
+        assert!(r.is_err());
+        // the pool still works afterwards
+        let mut out = Vec::new();
+        fork_join(Some(&pool), 1, 0..3, |k, _| k, &mut out);
+        assert_eq!(out, vec![0, 1, 2]);
+    }
+}
