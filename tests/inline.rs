@@ -3,6 +3,8 @@
 //! dtype and memory pattern (planes with few and many channels, the fused channels-first
 //! path, rows), with ReLU, residual and parameter gradients. (Both run on the same input
 //! buffers: the rows kernels' summation order depends on where `x` starts in memory.)
+//! Ops called from several threads at once, or from inside the pool, give the same bits
+//! too.
 
 use bnorm::cpu::CpuDevice;
 use bnorm::shape::Layout;
@@ -50,18 +52,25 @@ fn outputs<T: Element>(dev: &Device, shape: &Shape, (x, z, dy): (&[T], &[T], &[T
     ]
 }
 
+/// `x`, `z` and `dy` for `shape`.
+fn inputs<T: Element>(shape: &Shape) -> [Vec<T>; 3] {
+    let val = |i: usize, k: usize| T::from_f32_rounded(((i * k % 1013) as f32) * 0.01 - 4.0 + (i % 7) as f32 * 1e-3);
+    [7919, 31, 104_729].map(|k| (0..shape.numel()).map(|i| val(i, k)).collect())
+}
+
 fn same_bits<T: Element>(dims: &[usize], layout: Layout) {
     let shape = Shape::from_logical(dims, layout).unwrap();
     let cpu = CpuDevice::new().with_threads(2).unwrap();
     let pooled = Device::from_cpu(cpu.clone().with_inline_below(0), "pooled");
     let inline = Device::from_cpu(cpu.with_inline_below(usize::MAX), "inline");
-    let n = shape.numel();
-    let val = |i: usize, k: usize| T::from_f32_rounded(((i * k % 1013) as f32) * 0.01 - 4.0 + (i % 7) as f32 * 1e-3);
-    let x: Vec<T> = (0..n).map(|i| val(i, 7919)).collect();
-    let z: Vec<T> = (0..n).map(|i| val(i, 31)).collect();
-    let dy: Vec<T> = (0..n).map(|i| val(i, 104_729)).collect();
+    let [x, z, dy] = inputs::<T>(&shape);
     let inputs = (&x[..], &z[..], &dy[..]);
     let (a, b) = (outputs::<T>(&pooled, &shape, inputs), outputs::<T>(&inline, &shape, inputs));
+    assert_same::<T>(&a, &b, dims, layout);
+}
+
+/// `a` and `b` (as [`outputs`] returns them) are the same bits.
+fn assert_same<T: Element>(a: &[Vec<u32>], b: &[Vec<u32>], dims: &[usize], layout: Layout) {
     let names = [
         "y",
         "y (inference)",
@@ -99,5 +108,36 @@ fn inline_ops_give_the_pools_bits() {
         same_bits::<f32>(dims, layout);
         same_bits::<f16>(dims, layout);
         same_bits::<bf16>(dims, layout);
+    }
+}
+
+/// Four threads calling ops on one device at once (each running its own op with helpers
+/// from the same pool), and ops called from inside the device's pool, give the bits of the
+/// same ops run one at a time on the calling thread alone.
+#[test]
+fn concurrent_and_nested_calls_give_the_same_bits() {
+    let cpu = CpuDevice::new().with_threads(2).unwrap();
+    let pooled = Device::from_cpu(cpu.clone().with_inline_below(0), "pooled");
+    let inline = Device::from_cpu(cpu.clone().with_inline_below(usize::MAX), "inline");
+    let cases: [(&[usize], Layout); 3] = [
+        (&[16, 64, 28, 28], Layout::ChannelsLast),
+        (&[8, 64, 14, 14], Layout::ChannelsFirst),
+        (&[3000, 37], Layout::ChannelsFirst),
+    ];
+    for (dims, layout) in cases {
+        let shape = Shape::from_logical(dims, layout).unwrap();
+        let [x, z, dy] = inputs::<f32>(&shape);
+        let inputs = (&x[..], &z[..], &dy[..]);
+        let alone = outputs::<f32>(&inline, &shape, inputs);
+        std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..3).map(|_| outputs::<f32>(&pooled, &shape, inputs)).collect::<Vec<_>>()))
+                .collect();
+            for run in runs {
+                run.join().unwrap().iter().for_each(|got| assert_same::<f32>(got, &alone, dims, layout));
+            }
+        });
+        let nested = cpu.install(|| outputs::<f32>(&pooled, &shape, inputs));
+        assert_same::<f32>(&nested, &alone, dims, layout);
     }
 }
