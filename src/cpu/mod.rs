@@ -28,14 +28,17 @@ use std::sync::Arc;
 /// helping: each of its passes is cut into tasks that the caller and the helpers take
 /// from a shared queue, so the caller starts at once instead of handing the op to the
 /// pool and sleeping until it is done, and an op occupies as many threads as the pool
-/// has. Between the passes of an op, and for up to a millisecond while the others
-/// finish their last task, the threads spin instead of sleeping (as OpenMP's do), so
-/// that back-to-back passes and ops do not pay a wake-up each. Several threads calling
-/// ops at once each run their own op, with helpers from the same pool.
+/// has. A helper that has run out of tasks spins until the pass's last task is done (up
+/// to a millisecond) and the caller spins up to 200 us for the helpers, so that the next
+/// pass or op usually finds them awake (rayon's idle threads also spin a little before
+/// they sleep); a helper woken from sleep may start late and then takes fewer tasks.
+/// Several threads calling ops at once each run their own op, with helpers from the same
+/// pool.
 ///
 /// The ops' per-channel temporaries (accumulators, partial statistics, parameter arrays)
 /// come from per-thread pools that keep freed buffers for the next op, so a steady stream
-/// of ops does not allocate: each thread that ran or called an op holds at most 16 MiB of
+/// of ops allocates only a few task lists per pass (a few bytes per task), whatever the
+/// number of channels: each thread that ran or called an op holds at most 16 MiB of
 /// them (32 buffers of at most 4 MiB) until it exits. Ops on fewer than [`INLINE_BELOW`]
 /// values run on the calling thread alone ([`CpuDevice::with_inline_below`]).
 ///

@@ -11,7 +11,8 @@
 //!
 //! A [`Scratch`] buffer comes from the calling thread's pool when one of its type is there
 //! (else from the allocator) and goes back to the pool of the thread that drops it, so a
-//! steady stream of ops of one shape allocates nothing. A pool keeps at most [`POOLED`]
+//! steady stream of ops of one shape allocates no per-channel temporaries (only the small
+//! per-task lists of `team.rs`'s fork-joins). A pool keeps at most [`POOLED`]
 //! buffers and [`POOL_BYTES`] in all, none over [`POOLED_BYTES`]; the rest are freed as
 //! usual.
 
