@@ -28,8 +28,9 @@ use std::sync::Arc;
 /// helping: each of its passes is cut into tasks that the caller and the helpers take
 /// from a shared queue, so the caller starts at once instead of handing the op to the
 /// pool and sleeping until it is done, and an op occupies as many threads as the pool
-/// has. A helper that has run out of tasks spins until the pass's last task is done (up
-/// to a millisecond) and the caller spins up to 200 us for the helpers, so that the next
+/// has. A helper that has run out of tasks waits without sleeping until the pass's last
+/// task is done (up to a millisecond; spinning for 20 us, then yielding the CPU to any
+/// thread that needs it) and the caller waits so up to 200 us for the helpers, so that the next
 /// pass or op usually finds them awake (rayon's idle threads also spin a little before
 /// they sleep); a helper woken from sleep may start late and then takes fewer tasks.
 /// Several threads calling ops at once each run their own op, with helpers from the same
