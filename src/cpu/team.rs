@@ -1,5 +1,6 @@
 //! Fork-join with the calling thread taking part: the caller and `helpers` pool threads
-//! take an op's tasks from a shared queue, and wait for each other by spinning a while.
+//! take an op's tasks from a shared queue, and wait for each other a while without
+//! sleeping.
 //!
 //! rayon's own entry from a thread outside the pool (`ThreadPool::install`) parks the
 //! caller until the pool's threads are done, so every op pays two wake-ups (the pool's,
@@ -7,7 +8,7 @@
 //! thread too many. Here the caller is one of the op's threads: with `threads - 1`
 //! helpers an op runs on as many threads as the pool has, the caller starts at once, and
 //! a helper that is late (asleep) only takes fewer tasks. A helper that has run out of
-//! tasks spins until the fork-join's last task is done, and the caller spins for the
+//! tasks waits until the fork-join's last task is done, and the caller waits for the
 //! helpers, so that back-to-back fork-joins (an op's two passes, a stream of ops) find
 //! each other awake instead of paying a wake-up each.
 //!
@@ -18,12 +19,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// How long the caller spins for helpers still running a task before it blocks (a
-/// blocked caller costs a wake-up to resume).
+/// How long the caller waits (`spin_while`) for helpers still running a task before it
+/// blocks (a blocked caller costs a wake-up to resume).
 const SPIN_FOR: Duration = Duration::from_micros(200);
 
-/// How long a helper that has run out of tasks spins until the fork-join's last task is
-/// done (then it returns to the pool, which spins a little more before it sleeps).
+/// How long a helper that has run out of tasks waits (`spin_while`) until the fork-join's
+/// last task is done (then it returns to the pool, which spins a little before it sleeps).
 const LINGER_FOR: Duration = Duration::from_millis(1);
 
 /// `f(k, item k)` for every item, results in order into `out` (cleared first), on the
@@ -116,7 +117,7 @@ fn spin_while(limit: Duration, busy: impl Fn() -> bool) {
 const SPIN_ONLY_FOR: Duration = Duration::from_micros(20);
 
 /// Inside the scope `s`: start `helpers` jobs that take tasks, hand their results over
-/// and linger, take tasks here, then spin for the helpers before the scope's end blocks.
+/// and linger, take tasks here, then wait for the helpers before the scope's end blocks.
 fn share<'s, I: Send, R: Send, F: Fn(usize, I) -> R + Sync>(
     s: &rayon::Scope<'s>,
     helpers: usize,
