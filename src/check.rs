@@ -490,6 +490,9 @@ pub fn standard_shapes() -> Vec<Vec<usize>> {
         vec![8, 6, 7, 7],
         vec![13, 5, 9, 9],
         vec![4, 3, 64, 80],
+        // channels-last rows of several register tiles at every SIMD level (160 channels:
+        // 10 AVX-512 vectors), an odd row count
+        vec![3, 160, 3, 3],
         vec![2, 4, 3, 5, 7],
         vec![1, 2, 2, 3, 3],
     ]

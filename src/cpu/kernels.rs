@@ -605,6 +605,9 @@ pub(crate) struct RowMomentsKernel<'a, T> {
     /// prefetch each sub-block of rows while the one before it is summed (see
     /// [`first_of_line`])
     pub prefetch: bool,
+    /// the op's data outgrows the threads' L2 (`CpuDevice::beyond_l2`): then prefetch
+    /// anyway when a row takes several tiles
+    pub beyond_l2: bool,
 }
 
 impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
@@ -631,7 +634,11 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
         // whole vectors per row: register-blocked tiles; an odd last row goes below
         let pairs_end = body.len() / (2 * c) * 2 * c;
         let tiled = &body[..pairs_end];
-        let ahead = if self.prefetch { block_pairs::<T>(c) * 2 * c } else { 0 };
+        // several tiles per row walk each sub-block with a stride: prefetching the next
+        // sub-block then pays from beyond L2 up (bf16 forward on 12.8 MB, C = 256 / 512 /
+        // 1024: 0.94-0.96 / 0.90-0.91 / 0.96-0.97x the time, with the normalize's 4-row blocks)
+        let prefetch = self.prefetch || (self.beyond_l2 && c / S::LANES > tile_vectors::<S>());
+        let ahead = if prefetch { block_pairs::<T>(c) * 2 * c } else { 0 };
         with_fetch!(ahead, |pf| row_moments_tiled(s, acc, tiled, pf));
         row_moments_rows(s, acc, &body[pairs_end..]);
         row_moments_rows(s, acc, &rest)
@@ -669,6 +676,19 @@ const ROW_BLOCK_BYTES: usize = 32 * 1024;
 
 /// The fewest rows in a rows kernels' sub-block.
 const MIN_BLOCK_ROWS: usize = 16;
+
+/// Rows per sub-block of the channels-last normalize and input gradient when a row takes
+/// several channel tiles (bf16 C >= 256 on AVX-512), the op's data outgrows the threads'
+/// L2 and the output goes through the caches: the tiles then walk the sub-block's rows with a stride, each reading and
+/// writing part of every row; over 4 rows the walk stays close to one forward stream (each
+/// tile reloads its parameters every 4 rows). Measured here (2026-11-28, 2 threads, bf16
+/// inference on 12.8 MB, min of 40 calls, two alternations): C = 256 0.58 -> 0.50 ms, 512
+/// 0.57 -> 0.52, 1024 0.54 -> 0.50, 2048 unchanged (its sub-block was 16 rows); 2 rows was
+/// slower than the 32 KiB sub-blocks, 8 and 16 in between. Streamed outputs keep the long
+/// sub-blocks (4 rows there: 0.95-0.98x the speed, `bnorm bench` alternated 3x), and so
+/// does data within L2, where the loop is bound by the core (bf16 inference 32x512x7x7,
+/// 1.6 MB: 4 rows took 1.16x the time, f16 1.30x).
+const MULTI_TILE_ROWS: usize = 4;
 
 /// Rows per sub-block for `c` channels of `T`.
 #[inline(always)]
@@ -1193,6 +1213,8 @@ pub(crate) struct NormalizeRows<'a, T> {
     pub stream: bool,
     /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
     pub ahead: usize,
+    /// the op's data outgrows the threads' L2 (`CpuDevice::beyond_l2`): see [`MULTI_TILE_ROWS`]
+    pub beyond_l2: bool,
 }
 
 impl<T: Element> Kernel for NormalizeRows<'_, T> {
@@ -1238,8 +1260,8 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     // before and the c - o after run flat.
     let o = if stream { lead_to_boundary(k.y, LINE) } else { 0 };
     let body = if o == 0 { n } else { (n / c).saturating_sub(1) * c };
-    let rows = block_rows::<T>(c);
     let max_w = if S::REGS >= 32 { 8 } else { 4 };
+    let rows = if c / l > max_w && k.beyond_l2 && !stream { MULTI_TILE_ROWS } else { block_rows::<T>(c) };
     let shifted = (&params.0[o..], &params.1[o..], &params.2[o..]);
     for lo in (o..o + body).step_by(rows * c) {
         let hi = (lo + rows * c).min(o + body);
@@ -1902,6 +1924,29 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
 /// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
 /// vector part (aligned, see [`vector_span`]) takes the map of its first element (callers
 /// give spans where that is right: one run, or a row tail shorter than a vector).
+/// The vector at `p`: `dx = a * (k * (x - mean) + g - gmean)` with `g` = `dy`, zeroed
+/// where `y <= 0` when `y` is given, and `dz = g` when asked (streamed: see [`Simd::put`]).
+#[inline(always)]
+fn grad_vec<S: Simd, T: Element>(
+    s: S,
+    inp: &GradRun<'_, T>,
+    (dx, dz): (&mut [T], Option<&mut [T]>),
+    p: usize,
+    (mean, a, gmean, k): (S::V, S::V, S::V, S::V),
+    stream: bool,
+) {
+    let dy = s.load(&inp.dy[p..]);
+    let g = match inp.y {
+        Some(y) => s.where_positive(s.load(&y[p..]), dy),
+        None => dy,
+    };
+    let v = s.mul(a, s.fma(k, s.sub(s.load(&inp.x[p..]), mean), s.sub(g, gmean)));
+    s.put(&mut dx[p..], v, stream);
+    if let Some(dz) = dz {
+        s.put(&mut dz[p..], g, stream);
+    }
+}
+
 #[inline(always)]
 fn grad_span<S: Simd, T: Element>(
     s: S,
@@ -1916,19 +1961,10 @@ fn grad_span<S: Simd, T: Element>(
     let (lo, hi) = (start + a, start + b);
     if lo < hi {
         let m = map_of(lo);
-        let (mean, a, gmean, k) = (s.splat(m.mean), s.splat(m.a), s.splat(m.gmean), s.splat(m.k));
+        let maps = (s.splat(m.mean), s.splat(m.a), s.splat(m.gmean), s.splat(m.k));
         for i in (lo..hi).step_by(l) {
             prefetch_grad(s, inp, i, pf);
-            let dy = s.load(&inp.dy[i..]);
-            let g = match inp.y {
-                Some(y) => s.where_positive(s.load(&y[i..]), dy),
-                None => dy,
-            };
-            let v = s.mul(a, s.fma(k, s.sub(s.load(&inp.x[i..]), mean), s.sub(g, gmean)));
-            s.put(&mut dx[i..], v, stream);
-            if let Some(dz) = dz.as_deref_mut() {
-                s.put(&mut dz[i..], g, stream);
-            }
+            grad_vec(s, inp, (&mut *dx, dz.as_deref_mut()), i, maps, stream);
         }
     }
     for i in (start..lo).chain(hi..end) {
@@ -1960,6 +1996,8 @@ pub(crate) struct GradRows<'a, T> {
     pub stream: bool,
     /// values ahead of the vector loops to prefetch, 0 for none (see `CpuDevice::prefetch_ahead`)
     pub ahead: usize,
+    /// the op's data outgrows the threads' L2 (`CpuDevice::beyond_l2`): see [`MULTI_TILE_ROWS`]
+    pub beyond_l2: bool,
 }
 
 impl<T: Element> Kernel for GradRows<'_, T> {
@@ -1981,38 +2019,103 @@ impl<T: Element> Kernel for GradRows<'_, T> {
 }
 
 /// [`GradRows`] with the store kind `STREAM` (see [`Simd::put`]).
+///
+/// With whole vectors per row, channel tiles keep their four per-channel maps in registers
+/// over a sub-block of rows, as [`norm_rows`] does (streamed, from the first element on a
+/// cache line, the values before and after running flat); otherwise one flat stream
+/// reads the maps' periodic arrays at every vector.
 #[inline(always)]
 fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>, pf: impl Fetch) {
-    let c = kr.c;
+    let (c, l, n) = (kr.c, S::LANES, kr.inp.x.len());
+    let maps = (kr.mean, kr.a, kr.gmean, kr.k);
+    let (inp, dx, mut dz) = (kr.inp, kr.dx, kr.dz);
+    let (nv, tv) = (c / l, tile_vectors::<S>());
+    // streamed, several tiles per row were slower than the flat stream (f32 32x256x56x56
+    // 1.14x the time, bf16 1.13x), as the normalize's short sub-blocks were (1.03-1.05x)
+    if !c.is_multiple_of(l) || (STREAM && (nv > tv || !(c * std::mem::size_of::<T>()).is_multiple_of(LINE))) {
+        return grad_flat::<S, T, STREAM>(s, &inp, (dx, dz), c, maps, (0, n, pf));
+    }
+    let o = if STREAM { lead_to_boundary(dx, LINE) } else { 0 };
+    let body = if o == 0 { n } else { (n / c).saturating_sub(1) * c };
+    let rows = if nv > tv && kr.beyond_l2 { MULTI_TILE_ROWS } else { block_rows::<T>(c) };
+    let shifted = (&maps.0[o..], &maps.1[o..], &maps.2[o..], &maps.3[o..]);
+    for lo in (o..o + body).step_by(rows * c) {
+        let hi = (lo + rows * c).min(o + body);
+        let mut t = 0;
+        while t < nv {
+            let w = (nv - t).min(tv);
+            let out = (&mut *dx, dz.as_deref_mut());
+            let at = (lo, hi, c, t * l, pf);
+            match w {
+                4 => grad_tile::<S, T, STREAM, 4>(s, &inp, out, at, shifted),
+                3 => grad_tile::<S, T, STREAM, 3>(s, &inp, out, at, shifted),
+                2 => grad_tile::<S, T, STREAM, 2>(s, &inp, out, at, shifted),
+                _ => grad_tile::<S, T, STREAM, 1>(s, &inp, out, at, shifted),
+            }
+            t += w;
+        }
+    }
+    if o > 0 {
+        grad_flat::<S, T, STREAM>(s, &inp, (&mut *dx, dz.as_deref_mut()), c, maps, (0, o, pf));
+        grad_flat::<S, T, STREAM>(s, &inp, (dx, dz), c, maps, (o + body, n, pf));
+    }
+}
+
+/// One tile of `W` vectors at channel `col` over the rows of `[lo, hi)` (a whole number of
+/// rows of `c` channels), the maps read at `col` (of arrays starting at the channel of `lo`).
+#[inline(always)]
+fn grad_tile<S: Simd, T: Element, const STREAM: bool, const W: usize>(
+    s: S,
+    inp: &GradRun<'_, T>,
+    (dx, mut dz): (&mut [T], Option<&mut [T]>),
+    (lo, hi, c, col, pf): (usize, usize, usize, usize, impl Fetch),
+    (mean, a, gmean, k): (&[f32], &[f32], &[f32], &[f32]),
+) {
     let l = S::LANES;
-    let n = kr.inp.x.len();
-    // one flat stream with periodic per-channel maps, as in `norm_rows`
-    let (mean, a, gmean, k) = (kr.mean, kr.a, kr.gmean, kr.k);
-    let (lo, hi) = vector_span::<S, T>(kr.dx, n);
-    let mut dz = kr.dz;
+    let zero = s.splat(0.0);
+    let mut maps = [(zero, zero, zero, zero); W];
+    for (i, m) in maps.iter_mut().enumerate() {
+        let j = col + i * l;
+        *m = (s.load_f32(&mean[j..]), s.load_f32(&a[j..]), s.load_f32(&gmean[j..]), s.load_f32(&k[j..]));
+    }
+    for r in (lo..hi).step_by(c) {
+        for (i, &m) in maps.iter().enumerate() {
+            let p = r + col + i * l;
+            prefetch_grad(s, inp, p, pf);
+            grad_vec(s, inp, (&mut *dx, dz.as_deref_mut()), p, m, STREAM);
+        }
+    }
+}
+
+/// `[start, end)` as one flat stream whose element p belongs to channel p % c, the maps
+/// read from their periodic arrays at every vector (any C); the ends that are not whole
+/// aligned vectors run scalar.
+#[inline(always)]
+fn grad_flat<S: Simd, T: Element, const STREAM: bool>(
+    s: S,
+    inp: &GradRun<'_, T>,
+    (dx, mut dz): (&mut [T], Option<&mut [T]>),
+    c: usize,
+    (mean, a, gmean, k): (&[f32], &[f32], &[f32], &[f32]),
+    (start, end, pf): (usize, usize, impl Fetch),
+) {
+    let l = S::LANES;
+    let (va, vb) = vector_span::<S, T>(&dx[start..end], end - start);
+    let (lo, hi) = (start + va, start + vb);
     let mut j = lo % c;
     for p in (lo..hi).step_by(l) {
-        prefetch_grad(s, &kr.inp, p, pf);
-        let dy = s.load(&kr.inp.dy[p..]);
-        let g = match kr.inp.y {
-            Some(y) => s.where_positive(s.load(&y[p..]), dy),
-            None => dy,
-        };
-        let xc = s.sub(s.load(&kr.inp.x[p..]), s.load_f32(&mean[j..]));
-        let v = s.mul(s.load_f32(&a[j..]), s.fma(s.load_f32(&k[j..]), xc, s.sub(g, s.load_f32(&gmean[j..]))));
-        s.put(&mut kr.dx[p..], v, STREAM);
-        if let Some(dz) = dz.as_deref_mut() {
-            s.put(&mut dz[p..], g, STREAM);
-        }
+        prefetch_grad(s, inp, p, pf);
+        let m = (s.load_f32(&mean[j..]), s.load_f32(&a[j..]), s.load_f32(&gmean[j..]), s.load_f32(&k[j..]));
+        grad_vec(s, inp, (&mut *dx, dz.as_deref_mut()), p, m, STREAM);
         j = next_phase(j, l, c);
     }
     let map = |p: usize| {
         let j = p % c;
-        GradMap { mean: kr.mean[j], a: kr.a[j], gmean: kr.gmean[j], k: kr.k[j] }
+        GradMap { mean: mean[j], a: a[j], gmean: gmean[j], k: k[j] }
     };
     // spans shorter than a vector: grad_span runs them scalar
-    grad_span(s, &kr.inp, &mut *kr.dx, dz.as_deref_mut(), (0, lo, STREAM, pf), map);
-    grad_span(s, &kr.inp, kr.dx, dz, (hi, n, STREAM, pf), map);
+    grad_span(s, inp, &mut *dx, dz.as_deref_mut(), (start, lo, STREAM, pf), map);
+    grad_span(s, inp, dx, dz, (hi, end, STREAM, pf), map);
 }
 
 #[cfg(test)]
@@ -2080,12 +2183,13 @@ mod tests {
                     if !level.is_supported() {
                         continue;
                     }
-                    let run = |prefetch: bool| {
+                    let run = |prefetch: bool, beyond_l2: bool| {
                         let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().copied()));
-                        dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch });
+                        dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch, beyond_l2 });
                         acc.finish()
                     };
-                    let (t, fetched) = (run(false), run(true));
+                    // beyond L2, rows of several tiles (C > 16 on AVX2) prefetch too
+                    let (t, fetched, beyond) = (run(false, false), run(true, false), run(false, true));
                     for (j, (got, want)) in (0..c).map(|j| t.get(j)).zip(&want).enumerate() {
                         let at = format!("{level} rows {rows} c {c} offset {off} channel {j}");
                         assert_eq!(got.count, want.count, "{at}");
@@ -2093,9 +2197,9 @@ mod tests {
                         assert!((got.m2 - want.m2).abs() <= 1e-5 * want.m2 + 1e-3, "{at}: {got:?} {want:?}");
                         // prefetches are hints: the same bits with them (the last sub-block's
                         // run past the end of `x` and must be dropped)
-                        let f = fetched.get(j);
                         let bits = |m: Moments| (m.count.to_bits(), m.mean.to_bits(), m.m2.to_bits());
-                        assert_eq!(bits(f), bits(got), "{at}");
+                        assert_eq!(bits(fetched.get(j)), bits(got), "{at}");
+                        assert_eq!(bits(beyond.get(j)), bits(got), "{at}");
                     }
                 }
             }
@@ -2140,6 +2244,101 @@ mod tests {
                             "{at}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The channels-last normalize and input gradient with rows of several register tiles
+    /// (C = 48, 160, 512: at every level) and of one (C = 32 on AVX-512), walked in the
+    /// short sub-blocks used beyond L2 and in the long ones: the f64 formulas' values, and
+    /// the same bits both ways.
+    #[test]
+    fn rows_normalize_and_grad_match_f64_in_short_and_long_sub_blocks() {
+        let value = |i: usize, k: u32| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(k) >> 8) as f32 % 1000.0 / 500.0 - 1.0
+        };
+        for (rows, c) in [(27usize, 160usize), (45, 48), (9, 512), (13, 32)] {
+            let n = rows * c;
+            let x: Vec<f32> = (0..n).map(|i| value(i, 1)).collect();
+            let dy: Vec<f32> = (0..n).map(|i| value(i, 2)).collect();
+            let ch = |j: usize, k: f32| 1.0 + k * j as f32;
+            let norm: Vec<ChannelAffine> = (0..c)
+                .map(|j| ChannelAffine { mean: ch(j, 0.01) - 1.0, scale: ch(j, 0.003), shift: 0.5 - ch(j, 0.002) })
+                .collect();
+            let maps: Vec<GradMap> = (0..c)
+                .map(|j| GradMap { mean: ch(j, -0.004), a: ch(j, 0.002), gmean: ch(j, 0.001) - 1.0, k: ch(j, -0.001) })
+                .collect();
+            let (mean, scale, shift) =
+                (periodic(&norm, |m| m.mean), periodic(&norm, |m| m.scale), periodic(&norm, |m| m.shift));
+            let (gm, ga, gg, gk) = (
+                periodic(&maps, |m| m.mean),
+                periodic(&maps, |m| m.a),
+                periodic(&maps, |m| m.gmean),
+                periodic(&maps, |m| m.k),
+            );
+            for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+                if !level.is_supported() {
+                    continue;
+                }
+                let normalize = |beyond_l2| {
+                    let mut y = vec![0f32; n];
+                    let (mean, scale, shift) = (&mean[..], &scale[..], &shift[..]);
+                    let k = NormalizeRows {
+                        x: &x,
+                        z: None,
+                        y: &mut y,
+                        c,
+                        mean,
+                        scale,
+                        shift,
+                        relu: false,
+                        stream: false,
+                        ahead: 0,
+                        beyond_l2,
+                    };
+                    dispatch(level, k);
+                    y
+                };
+                let grad = |beyond_l2| {
+                    let mut dx = vec![0f32; n];
+                    let inp = GradRun { dy: &dy, x: &x, y: None };
+                    let (mean, a, gmean, k) = (&gm[..], &ga[..], &gg[..], &gk[..]);
+                    let kr = GradRows {
+                        inp,
+                        dx: &mut dx,
+                        dz: None,
+                        c,
+                        mean,
+                        a,
+                        gmean,
+                        k,
+                        stream: false,
+                        ahead: 0,
+                        beyond_l2,
+                    };
+                    dispatch(level, kr);
+                    dx
+                };
+                let (y_long, y_short, dx_long, dx_short) = (normalize(false), normalize(true), grad(false), grad(true));
+                for i in 0..n {
+                    let (j, at) = (i % c, format!("{level} rows {rows} c {c} element {i}"));
+                    let (xi, f) = (x[i] as f64, |v: f32| v as f64);
+                    let (nm, m) = (&norm[j], &maps[j]);
+                    let want_y = (xi - f(nm.mean)) * f(nm.scale) + f(nm.shift);
+                    let want_dx = f(m.a) * (f(m.k) * (xi - f(m.mean)) + f(dy[i]) - f(m.gmean));
+                    assert!(
+                        (f(y_long[i]) - want_y).abs() <= 1e-6 * (1.0 + want_y.abs()),
+                        "{at}: y {} {want_y}",
+                        y_long[i]
+                    );
+                    assert!(
+                        (f(dx_long[i]) - want_dx).abs() <= 1e-6 * (1.0 + want_dx.abs()),
+                        "{at}: dx {} {want_dx}",
+                        dx_long[i]
+                    );
+                    assert_eq!(y_short[i].to_bits(), y_long[i].to_bits(), "{at}");
+                    assert_eq!(dx_short[i].to_bits(), dx_long[i].to_bits(), "{at}");
                 }
             }
         }

@@ -222,6 +222,14 @@ impl CpuDevice {
         }
     }
 
+    /// Whether an op whose buffers (inputs and outputs) hold `elements` values of `dtype`
+    /// together outgrows the L2 caches of the threads: the channels-last kernels then walk
+    /// rows that take several register tiles in short sub-blocks and prefetch the next
+    /// sub-block (see `kernels::MULTI_TILE_ROWS`); within L2 they keep the long ones.
+    pub(crate) fn beyond_l2(&self, dtype: DType, elements: usize) -> bool {
+        elements.saturating_mul(dtype.size()) > l2_bytes() * self.threads()
+    }
+
     /// Force software prefetching on or off (`None`: by the input's size). Prefetches
     /// are hints and change no result; this exists so that tests run the prefetching
     /// loops on small inputs.
@@ -388,6 +396,8 @@ fn backward_inputs<T>(x: &[T], dy: &[T], y: Option<&[T]>) -> usize {
 pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> Totals {
     let level = dev.simd;
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
+    // counted with the output of x's size that every caller writes next
+    let beyond_l2 = dev.beyond_l2(T::DTYPE, 2 * x.len());
     let threads = dev.threads();
     match shape.pattern() {
         Pattern::Planes { n, c, s } => {
@@ -409,7 +419,7 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> To
             let task = |t: usize| {
                 let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().map(|v| v.to_f32())));
                 let x = &x[t * block..((t + 1) * block).min(x.len())];
-                dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch: ahead > 0 });
+                dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch: ahead > 0, beyond_l2 });
                 acc.finish()
             };
             dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
@@ -602,6 +612,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
     let Forward { x, z, y, relu } = a;
     let stream = dev.streams(T::DTYPE, y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
+    let beyond_l2 = dev.beyond_l2(T::DTYPE, x.len() + y.len() + z.map_or(0, |z| z.len()));
     match shape.pattern() {
         Pattern::Planes { s, .. } => {
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
@@ -634,6 +645,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
                         relu,
                         stream,
                         ahead,
+                        beyond_l2,
                     },
                 );
             });
@@ -696,6 +708,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
     let threads = dev.threads();
     let stream = dev.streams(T::DTYPE, a.outputs());
     let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
+    let beyond_l2 = dev.beyond_l2(T::DTYPE, a.inputs() + a.outputs());
     let Backward { x, y, dy, dx, dz } = a;
     match shape.pattern() {
         Pattern::Planes { s, .. } => {
@@ -731,6 +744,7 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
                         k: &k,
                         stream,
                         ahead,
+                        beyond_l2,
                     },
                 );
             });
