@@ -690,6 +690,15 @@ const MIN_BLOCK_ROWS: usize = 16;
 /// 1.6 MB: 4 rows took 1.16x the time, f16 1.30x).
 const MULTI_TILE_ROWS: usize = 4;
 
+/// Pairs of rows per sub-block of the channels-last backward sums when a row takes several
+/// channel tiles and the op's data outgrows the threads' L2 (see [`MULTI_TILE_ROWS`]; the
+/// sums' tiles keep two row sets in registers, so the unit is a pair). Measured here
+/// (2026-11-28, bf16 backward on 12.8 MB, min of 40 calls, three alternations, time of the
+/// 32 KiB sub-blocks over this): C = 256 1.07-1.10, 512 1.04-1.08, 1024 0.98-1.07
+/// (C = 64, one tile, unchanged: 0.95-1.04); 2 pairs, or prefetching the next sub-block as
+/// well, no better.
+const MULTI_TILE_SUM_PAIRS: usize = 4;
+
 /// Rows per sub-block for `c` channels of `T`.
 #[inline(always)]
 fn block_rows<T>(c: usize) -> usize {
@@ -1605,6 +1614,9 @@ pub(crate) struct GradSumRows<'a, T> {
     pub mean: &'a [f32],
     /// prefetch each sub-block of rows while the one before it is summed
     pub prefetch: bool,
+    /// the op's data outgrows the threads' L2 (`CpuDevice::beyond_l2`): see
+    /// [`MULTI_TILE_SUM_PAIRS`]
+    pub beyond_l2: bool,
 }
 
 impl<T: Element> Kernel for GradSumRows<'_, T> {
@@ -1625,8 +1637,10 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
         let part =
             |lo: usize, hi: usize| GradRun { dy: &self.dy[lo..hi], x: &self.x[lo..hi], y: self.y.map(|y| &y[lo..hi]) };
         if tiled > 0 {
-            let ahead = if self.prefetch { sums_block_pairs::<T>(c) * 2 * c } else { 0 };
-            with_fetch!(ahead, |pf| grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut tot, pf));
+            let short = self.beyond_l2 && c / S::LANES > tile_vectors::<S>();
+            let pairs = if short { MULTI_TILE_SUM_PAIRS } else { sums_block_pairs::<T>(c) };
+            let ahead = if self.prefetch { pairs * 2 * c } else { 0 };
+            with_fetch!(ahead, |pf| grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut tot, (pairs, pf)));
         }
         grad_sums_rows(s, &part(tiled, self.x.len()), &m_hi, &mut tot);
         tot.gx.iter_mut().zip(tot.g.iter()).zip(m_lo.iter()).for_each(|((gx, &g), &lo)| *gx -= lo * g);
@@ -1638,14 +1652,20 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
 /// [`row_moments_tiled`]: per channel tile, two row sets of `sum g` and `sum g * xc`
 /// stay in registers across a sub-block of rows.
 #[inline(always)]
-fn grad_sums_tiled<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut SumTotals, pf: impl Fetch) {
+fn grad_sums_tiled<S: Simd, T: Element>(
+    s: S,
+    inp: &GradRun<'_, T>,
+    mean: &[f32],
+    out: &mut SumTotals,
+    (pairs, pf): (usize, impl Fetch),
+) {
     let c = mean.len();
     let l = S::LANES;
     let nv = c / l;
     let tv = tile_vectors::<S>();
     let mut sg = Scratch::filled(2 * c, 0f32);
     let mut sgx = Scratch::filled(2 * c, 0f32);
-    let block = 2 * c * sums_block_pairs::<T>(c);
+    let block = 2 * c * pairs;
     let mut steps = 0;
     for lo in (0..inp.x.len()).step_by(block) {
         let hi = (lo + block).min(inp.x.len());
@@ -2208,13 +2228,15 @@ mod tests {
 
     /// Backward sums of rows over several sub-blocks (so the tiles prefetch the next one,
     /// and the last one's prefetches run past the end), with and without ReLU, on every
-    /// level: the f64 sums of each channel, and the same bits with prefetching as without.
+    /// level: the f64 sums of each channel, and the same bits with prefetching as without,
+    /// and in the short sub-blocks used beyond L2 (rows of several tiles: C = 32 on AVX2,
+    /// C = 160 on both) as in the long ones.
     #[test]
     fn grad_sum_rows_match_f64_with_and_without_prefetch() {
         let value = |i: usize, k: u32| {
             ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(k) >> 8) as f32 % 1000.0 / 500.0 - 1.0
         };
-        for (rows, c) in [(300usize, 16usize), (130, 32), (7, 16)] {
+        for (rows, c) in [(300usize, 16usize), (130, 32), (7, 16), (75, 160)] {
             let n = rows * c;
             let (x, dy, y): (Vec<f32>, Vec<f32>, Vec<f32>) = (
                 (0..n).map(|i| value(i, 1)).collect(),
@@ -2228,9 +2250,10 @@ mod tests {
                     if !level.is_supported() {
                         continue;
                     }
-                    let run =
-                        |prefetch| dispatch(level, GradSumRows { dy: &dy, x: &x, y: yr, mean: &mean, prefetch }).sums();
-                    let (got, fetched) = (run(false), run(true));
+                    let run = |prefetch, beyond_l2| {
+                        dispatch(level, GradSumRows { dy: &dy, x: &x, y: yr, mean: &mean, prefetch, beyond_l2 }).sums()
+                    };
+                    let (got, fetched, beyond) = (run(false, false), run(true, false), run(false, true));
                     for j in 0..c {
                         let g = |r: usize| if relu && y[r * c + j] <= 0.0 { 0.0 } else { dy[r * c + j] as f64 };
                         let want_g: f64 = (0..rows).map(g).sum();
@@ -2238,11 +2261,9 @@ mod tests {
                         let at = format!("{level} rows {rows} c {c} relu {relu} channel {j}");
                         assert!((got[j].g - want_g).abs() <= 1e-5 * rows as f64, "{at}: {} {want_g}", got[j].g);
                         assert!((got[j].gx - want_gx).abs() <= 1e-5 * rows as f64, "{at}: {} {want_gx}", got[j].gx);
-                        assert_eq!(
-                            (fetched[j].g.to_bits(), fetched[j].gx.to_bits()),
-                            (got[j].g.to_bits(), got[j].gx.to_bits()),
-                            "{at}"
-                        );
+                        let bits = |s: &GradSums| (s.g.to_bits(), s.gx.to_bits());
+                        assert_eq!(bits(&fetched[j]), bits(&got[j]), "{at}");
+                        assert_eq!(bits(&beyond[j]), bits(&got[j]), "{at}");
                     }
                 }
             }

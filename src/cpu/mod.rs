@@ -666,6 +666,8 @@ pub(crate) fn grad_sums<T: Element>(
 ) -> Scratch<GradSums> {
     let level = dev.simd;
     let ahead = dev.prefetch_ahead(T::DTYPE, backward_inputs(x, dy, y));
+    // counted with the output of x's size that the backward writes next
+    let beyond_l2 = dev.beyond_l2(T::DTYPE, backward_inputs(x, dy, y) + x.len());
     let threads = dev.threads();
     match shape.pattern() {
         Pattern::Planes { n, c, s } => {
@@ -692,7 +694,7 @@ pub(crate) fn grad_sums<T: Element>(
                 let lo = t * block;
                 let hi = (lo + block).min(x.len());
                 let (dy, x, y) = (&dy[lo..hi], &x[lo..hi], y.map(|y| &y[lo..hi]));
-                dispatch(level, GradSumRows { dy, x, y, mean, prefetch: ahead > 0 })
+                dispatch(level, GradSumRows { dy, x, y, mean, prefetch: ahead > 0, beyond_l2 })
             };
             dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
             let mut total = SumTotals::new(c);
