@@ -679,9 +679,9 @@ const MIN_BLOCK_ROWS: usize = 16;
 
 /// Rows per sub-block of the channels-last normalize and input gradient when a row takes
 /// several channel tiles (bf16 C >= 256 on AVX-512), the op's data outgrows the threads'
-/// L2 and the output goes through the caches: the tiles then walk the sub-block's rows with a stride, each reading and
-/// writing part of every row; over 4 rows the walk stays close to one forward stream (each
-/// tile reloads its parameters every 4 rows). Measured here (2026-11-28, 2 threads, bf16
+/// L2 and the output goes through the caches: the tiles then walk the sub-block's rows
+/// with a stride, each reading and writing part of every row; over 4 rows the walk stays
+/// close to one forward stream (each tile reloads its parameters every 4 rows). Measured here (2026-11-28, 2 threads, bf16
 /// inference on 12.8 MB, min of 40 calls, two alternations): C = 256 0.58 -> 0.50 ms, 512
 /// 0.57 -> 0.52, 1024 0.54 -> 0.50, 2048 unchanged (its sub-block was 16 rows); 2 rows was
 /// slower than the 32 KiB sub-blocks, 8 and 16 in between. Streamed outputs keep the long
@@ -1941,9 +1941,6 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, pf), map_of);
 }
 
-/// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
-/// vector part (aligned, see [`vector_span`]) takes the map of its first element (callers
-/// give spans where that is right: one run, or a row tail shorter than a vector).
 /// The vector at `p`: `dx = a * (k * (x - mean) + g - gmean)` with `g` = `dy`, zeroed
 /// where `y <= 0` when `y` is given, and `dz = g` when asked (streamed: see [`Simd::put`]).
 #[inline(always)]
@@ -1967,6 +1964,9 @@ fn grad_vec<S: Simd, T: Element>(
     }
 }
 
+/// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
+/// vector part (aligned, see [`vector_span`]) takes the map of its first element (callers
+/// give spans where that is right: one run, or a row tail shorter than a vector).
 #[inline(always)]
 fn grad_span<S: Simd, T: Element>(
     s: S,
