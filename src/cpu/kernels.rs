@@ -2226,6 +2226,11 @@ mod tests {
         }
     }
 
+    /// A value in [-1, 1) hashed from index `i` and stream `k`.
+    fn signed(i: usize, k: u32) -> f32 {
+        ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(k) >> 8) as f32 % 1000.0 / 500.0 - 1.0
+    }
+
     /// Backward sums of rows over several sub-blocks (so the tiles prefetch the next one,
     /// and the last one's prefetches run past the end), with and without ReLU, on every
     /// level: the f64 sums of each channel, and the same bits with prefetching as without,
@@ -2233,15 +2238,12 @@ mod tests {
     /// C = 160 on both) as in the long ones.
     #[test]
     fn grad_sum_rows_match_f64_with_and_without_prefetch() {
-        let value = |i: usize, k: u32| {
-            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(k) >> 8) as f32 % 1000.0 / 500.0 - 1.0
-        };
         for (rows, c) in [(300usize, 16usize), (130, 32), (7, 16), (75, 160)] {
             let n = rows * c;
             let (x, dy, y): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-                (0..n).map(|i| value(i, 1)).collect(),
-                (0..n).map(|i| value(i, 2)).collect(),
-                (0..n).map(|i| value(i, 3)).collect(),
+                (0..n).map(|i| signed(i, 1)).collect(),
+                (0..n).map(|i| signed(i, 2)).collect(),
+                (0..n).map(|i| signed(i, 3)).collect(),
             );
             let mean: Vec<f32> = (0..c).map(|j| j as f32 * 0.01).collect();
             for relu in [false, true] {
@@ -2276,13 +2278,10 @@ mod tests {
     /// the same bits both ways.
     #[test]
     fn rows_normalize_and_grad_match_f64_in_short_and_long_sub_blocks() {
-        let value = |i: usize, k: u32| {
-            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(k) >> 8) as f32 % 1000.0 / 500.0 - 1.0
-        };
         for (rows, c) in [(27usize, 160usize), (45, 48), (9, 512), (13, 32)] {
             let n = rows * c;
-            let x: Vec<f32> = (0..n).map(|i| value(i, 1)).collect();
-            let dy: Vec<f32> = (0..n).map(|i| value(i, 2)).collect();
+            let x: Vec<f32> = (0..n).map(|i| signed(i, 1)).collect();
+            let dy: Vec<f32> = (0..n).map(|i| signed(i, 2)).collect();
             let ch = |j: usize, k: f32| 1.0 + k * j as f32;
             let norm: Vec<ChannelAffine> = (0..c)
                 .map(|j| ChannelAffine { mean: ch(j, 0.01) - 1.0, scale: ch(j, 0.003), shift: 0.5 - ch(j, 0.002) })
