@@ -637,7 +637,7 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
         // several tiles per row walk each sub-block with a stride: prefetching the next
         // sub-block then pays from beyond L2 up (bf16 forward on 12.8 MB, C = 256 / 512 /
         // 1024: 0.94-0.96 / 0.90-0.91 / 0.96-0.97x the time, with the normalize's 4-row blocks)
-        let prefetch = self.prefetch || (self.beyond_l2 && c / S::LANES > tile_vectors::<S>());
+        let prefetch = self.prefetch || (self.beyond_l2 && several_tiles::<S>(c));
         let ahead = if prefetch { block_pairs::<T>(c) * 2 * c } else { 0 };
         with_fetch!(ahead, |pf| row_moments_tiled(s, acc, tiled, pf));
         row_moments_rows(s, acc, &body[pairs_end..]);
@@ -714,6 +714,13 @@ fn tile_vectors<S: Simd>() -> usize {
     } else {
         2
     }
+}
+
+/// Whether a row of `c` channels takes several register tiles of [`tile_vectors`] (the
+/// rows reductions' and input gradient's tiles; their walk over a sub-block is then strided).
+#[inline(always)]
+fn several_tiles<S: Simd>(c: usize) -> bool {
+    c / S::LANES > tile_vectors::<S>()
 }
 
 /// Pairs of rows per sub-block: a power of two (so sub-blocks never straddle a flush)
@@ -1637,7 +1644,7 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
         let part =
             |lo: usize, hi: usize| GradRun { dy: &self.dy[lo..hi], x: &self.x[lo..hi], y: self.y.map(|y| &y[lo..hi]) };
         if tiled > 0 {
-            let short = self.beyond_l2 && c / S::LANES > tile_vectors::<S>();
+            let short = self.beyond_l2 && several_tiles::<S>(c);
             let pairs = if short { MULTI_TILE_SUM_PAIRS } else { sums_block_pairs::<T>(c) };
             let ahead = if self.prefetch { pairs * 2 * c } else { 0 };
             with_fetch!(ahead, |pf| grad_sums_tiled(s, &part(0, tiled), &m_hi, &mut tot, (pairs, pf)));
@@ -2049,15 +2056,15 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>,
     let (c, l, n) = (kr.c, S::LANES, kr.inp.x.len());
     let maps = (kr.mean, kr.a, kr.gmean, kr.k);
     let (inp, dx, mut dz) = (kr.inp, kr.dx, kr.dz);
-    let (nv, tv) = (c / l, tile_vectors::<S>());
+    let (nv, tv, several) = (c / l, tile_vectors::<S>(), several_tiles::<S>(c));
     // streamed, several tiles per row were slower than the flat stream (f32 32x256x56x56
     // 1.14x the time, bf16 1.13x), as the normalize's short sub-blocks were (1.03-1.05x)
-    if !c.is_multiple_of(l) || (STREAM && (nv > tv || !(c * std::mem::size_of::<T>()).is_multiple_of(LINE))) {
+    if !c.is_multiple_of(l) || (STREAM && (several || !(c * std::mem::size_of::<T>()).is_multiple_of(LINE))) {
         return grad_flat::<S, T, STREAM>(s, &inp, (dx, dz), c, maps, (0, n, pf));
     }
     let o = if STREAM { lead_to_boundary(dx, LINE) } else { 0 };
     let body = if o == 0 { n } else { (n / c).saturating_sub(1) * c };
-    let rows = if nv > tv && kr.beyond_l2 { MULTI_TILE_ROWS } else { block_rows::<T>(c) };
+    let rows = if several && kr.beyond_l2 { MULTI_TILE_ROWS } else { block_rows::<T>(c) };
     let shifted = (&maps.0[o..], &maps.1[o..], &maps.2[o..], &maps.3[o..]);
     for lo in (o..o + body).step_by(rows * c) {
         let hi = (lo + rows * c).min(o + body);

@@ -30,9 +30,10 @@ use std::sync::Arc;
 /// pool and sleeping until it is done, and an op occupies as many threads as the pool
 /// has. A helper that has run out of tasks waits without sleeping until the pass's last
 /// task is done (up to a millisecond; spinning for 20 us, then yielding the CPU to any
-/// thread that needs it) and the caller waits so up to 200 us for the helpers, so that the next
-/// pass or op usually finds them awake (rayon's idle threads also spin a little before
-/// they sleep); a helper woken from sleep may start late and then takes fewer tasks.
+/// thread that needs it) and the caller waits the same way up to 200 us for the helpers,
+/// so that the next pass or op usually finds them awake (rayon's idle threads also spin
+/// a little before they sleep); a helper woken from sleep may start late and then takes
+/// fewer tasks.
 /// Several threads calling ops at once each run their own op, with helpers from the same
 /// pool.
 ///
