@@ -20,6 +20,7 @@ use partition::Split;
 use simd::dispatch;
 pub use simd::SimdLevel;
 use std::sync::Arc;
+use team::Order;
 
 /// A CPU "device": a thread pool (rayon's global one unless told otherwise) and the SIMD
 /// level the kernels run with.
@@ -329,7 +330,7 @@ impl CpuDevice {
     /// op.
     fn fork_join<I: Send, R: Send>(
         &self,
-        items: impl Iterator<Item = I> + Send,
+        items: (impl Iterator<Item = I> + Send, Order),
         f: impl Fn(usize, I) -> R + Sync,
         out: &mut Vec<R>,
     ) {
@@ -337,21 +338,24 @@ impl CpuDevice {
         team::fork_join(self.pool.as_deref(), helpers, items, f, out);
     }
 
-    /// `f(0), .., f(n - 1)` in order into `out` ([`fork_join`](Self::fork_join)).
+    /// `f(0), .., f(n - 1)` in order into `out` ([`fork_join`](Self::fork_join)), each
+    /// thread walking its share forward.
     fn map_tasks<R: Send>(&self, n: usize, f: impl Fn(usize) -> R + Sync, out: &mut Vec<R>) {
-        self.fork_join(0..n, |k, _| f(k), out);
+        self.fork_join((0..n, Order::Forward), |k, _| f(k), out);
     }
 
-    /// `f(k, items[k])` for every item, results in order ([`fork_join`](Self::fork_join)).
-    fn map_items<I: Send, R: Send>(&self, items: Vec<I>, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
+    /// `f(k, items[k])` for every item, results in order ([`fork_join`](Self::fork_join)),
+    /// each thread taking its share in `order`.
+    fn map_items<I: Send, R: Send>(&self, items: Vec<I>, order: Order, f: impl Fn(usize, I) -> R + Sync) -> Vec<R> {
         let mut out = Vec::with_capacity(items.len());
-        self.fork_join(items.into_iter(), f, &mut out);
+        self.fork_join((items.into_iter(), order), f, &mut out);
         out
     }
 
-    /// `f(t, piece t)` for the `chunk`-long pieces of `buf` ([`fork_join`](Self::fork_join)).
-    fn for_chunks<T: Send>(&self, buf: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-        self.fork_join(buf.chunks_mut(chunk), f, &mut Vec::new());
+    /// `f(t, piece t)` for the `chunk`-long pieces of `buf` ([`fork_join`](Self::fork_join)),
+    /// each thread taking its share in `order`.
+    fn for_chunks<T: Send>(&self, buf: &mut [T], chunk: usize, order: Order, f: impl Fn(usize, &mut [T]) + Sync) {
+        self.fork_join((buf.chunks_mut(chunk), order), f, &mut Vec::new());
     }
 }
 
@@ -538,7 +542,7 @@ pub(crate) fn forward_training<T: Element>(
     let stream = dev.streams(T::DTYPE, y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
-    let per_group: Vec<(Totals, Scratch<f64>)> = dev.map_items(groups, |k, ys: Vec<&mut [T]>| {
+    let per_group: Vec<(Totals, Scratch<f64>)> = dev.map_items(groups, Order::Forward, |k, ys: Vec<&mut [T]>| {
         let moments = Totals::from_moments(
             f.g,
             f.channels(k).map(|ch| {
@@ -580,7 +584,7 @@ pub(crate) fn backward<T: Element>(
     let Backward { x, y, dy, dx, dz } = a;
     let groups = paired(f.slabs(dx).into_iter(), dz.map(|dz| f.slabs(dz).into_iter()));
     let per_group: Vec<Vec<GradSums>> =
-        dev.map_items(groups, |k, (dxs, dzs): (Vec<&mut [T]>, Option<Vec<&mut [T]>>)| {
+        dev.map_items(groups, Order::Forward, |k, (dxs, dzs): (Vec<&mut [T]>, Option<Vec<&mut [T]>>)| {
             let inp = GradRun { dy, x, y };
             let sums: Vec<GradSums> = f
                 .channels(k)
@@ -619,7 +623,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
-            dev.for_chunks(y, chunk, |t, y| {
+            dev.for_chunks(y, chunk, Order::Backward, |t, y| {
                 let (lo, hi) = (t * chunk, t * chunk + y.len());
                 let mut slab = [NormSlab { x: &x[lo..hi], z: z.map(|z| &z[lo..hi]), y, first: t * runs_per }];
                 dispatch(level, NormalizeSlabs { slabs: &mut slab, run: s, maps, relu, stream, ahead });
@@ -630,7 +634,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
             let mean = periodic(maps, |m| m.mean);
             let scale = periodic(maps, |m| m.scale);
             let shift = periodic(maps, |m| m.shift);
-            dev.for_chunks(y, rows_per * c, |t, yb| {
+            dev.for_chunks(y, rows_per * c, Order::Backward, |t, yb| {
                 let lo = t * rows_per * c;
                 let hi = lo + yb.len();
                 dispatch(
@@ -717,12 +721,16 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
-            dev.map_items(paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))), |t, (dx, dz)| {
-                let (lo, hi) = (t * chunk, t * chunk + dx.len());
-                let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
-                let mut slab = [GradSlab { inp, dx, dz, first: t * runs_per }];
-                dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps, stream, ahead });
-            });
+            dev.map_items(
+                paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))),
+                Order::Backward,
+                |t, (dx, dz)| {
+                    let (lo, hi) = (t * chunk, t * chunk + dx.len());
+                    let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
+                    let mut slab = [GradSlab { inp, dx, dz, first: t * runs_per }];
+                    dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps, stream, ahead });
+                },
+            );
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
@@ -731,26 +739,30 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
             let ca = periodic(maps, |m| m.a);
             let gmean = periodic(maps, |m| m.gmean);
             let k = periodic(maps, |m| m.k);
-            dev.map_items(paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))), |t, (dxb, dzb)| {
-                let lo = t * chunk;
-                let hi = lo + dxb.len();
-                dispatch(
-                    level,
-                    GradRows {
-                        inp: GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) },
-                        dx: dxb,
-                        dz: dzb,
-                        c,
-                        mean: &mean,
-                        a: &ca,
-                        gmean: &gmean,
-                        k: &k,
-                        stream,
-                        ahead,
-                        beyond_l2,
-                    },
-                );
-            });
+            dev.map_items(
+                paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))),
+                Order::Backward,
+                |t, (dxb, dzb)| {
+                    let lo = t * chunk;
+                    let hi = lo + dxb.len();
+                    dispatch(
+                        level,
+                        GradRows {
+                            inp: GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) },
+                            dx: dxb,
+                            dz: dzb,
+                            c,
+                            mean: &mean,
+                            a: &ca,
+                            gmean: &gmean,
+                            k: &k,
+                            stream,
+                            ahead,
+                            beyond_l2,
+                        },
+                    );
+                },
+            );
         }
     }
 }
@@ -842,9 +854,9 @@ mod tests {
             let mut out = Vec::new();
             d.map_tasks(100, |t| t * 3, &mut out);
             assert_eq!(out, (0..100).map(|t| t * 3).collect::<Vec<_>>());
-            assert_eq!(d.map_items(vec![5, 6, 7], |k, v| k * 10 + v), vec![5, 16, 27]);
+            assert_eq!(d.map_items(vec![5, 6, 7], Order::Backward, |k, v| k * 10 + v), vec![5, 16, 27]);
             let mut buf = vec![0usize; 10];
-            d.for_chunks(&mut buf, 3, |t, b| b.iter_mut().for_each(|v| *v = t));
+            d.for_chunks(&mut buf, 3, Order::Backward, |t, b| b.iter_mut().for_each(|v| *v = t));
             assert_eq!(buf, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]);
         }
     }

@@ -27,21 +27,44 @@ const SPIN_FOR: Duration = Duration::from_micros(200);
 /// last task is done (then it returns to the pool, which spins a little before it sleeps).
 const LINGER_FOR: Duration = Duration::from_millis(1);
 
+/// The order in which each participant takes the tasks of its segment (see [`Queue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// From the segment's first task to its last: a first pass over the data.
+    Forward,
+    /// From the segment's last task to its first: a second pass over data that a first
+    /// pass (or the op that wrote it) walked forward, so that each thread starts where the
+    /// data most recently touched, the most likely still in the caches, lies. When an op's
+    /// inputs outgrow the last-level cache, a second forward pass finds none of them there
+    /// (the first pass's start was evicted by its end), a backward one finds its first
+    /// tasks' data there.
+    Backward,
+}
+
 /// `f(k, item k)` for every item, results in order into `out` (cleared first), on the
-/// calling thread and `helpers` threads of `pool` (rayon's global pool for `None`).
+/// calling thread and `helpers` threads of `pool` (rayon's global pool for `None`), each
+/// thread taking the tasks of its segment in `order` (so does the calling thread alone).
 pub(crate) fn fork_join<I: Send, R: Send>(
     pool: Option<&rayon::ThreadPool>,
     helpers: usize,
-    items: impl Iterator<Item = I> + Send,
+    (items, order): (impl Iterator<Item = I> + Send, Order),
     f: impl Fn(usize, I) -> R + Sync,
     out: &mut Vec<R>,
 ) {
     out.clear();
     if helpers == 0 {
-        out.extend(items.enumerate().map(|(k, i)| f(k, i)));
+        match order {
+            Order::Forward => out.extend(items.enumerate().map(|(k, i)| f(k, i))),
+            Order::Backward => {
+                let items: Vec<I> = items.collect();
+                let mut done: Vec<R> = items.into_iter().enumerate().rev().map(|(k, i)| f(k, i)).collect();
+                done.reverse();
+                out.extend(done);
+            }
+        }
         return;
     }
-    let queue = Queue::new(items, helpers + 1);
+    let queue = Queue::new(items, helpers + 1, order);
     let shared = Shared {
         left: AtomicUsize::new(queue.items.len()),
         queue: Mutex::new(queue),
@@ -138,34 +161,47 @@ fn share<'s, I: Send, R: Send, F: Fn(usize, I) -> R + Sync>(
 }
 
 /// The tasks of a fork-join: participant p owns the p-th of as many contiguous segments
-/// as there are participants and takes its tasks from the front, in order, so that each
-/// thread streams through one contiguous stretch of memory (as rayon's halving split
-/// does); a participant whose segment is empty takes the last task of the fullest one.
+/// as there are participants and takes its tasks in order ([`Order::Forward`]: from the
+/// front; [`Order::Backward`]: from the back), so that each thread streams through one
+/// contiguous stretch of memory (as rayon's halving split does); a participant whose
+/// segment is empty takes a task from the other end of the fullest one.
 struct Queue<I> {
     items: Vec<Option<I>>,
-    /// per participant: its segment's next and end index
+    /// per participant: its segment's next and end index (the tasks left are next..end)
     next: Vec<usize>,
     end: Vec<usize>,
+    order: Order,
 }
 
 impl<I> Queue<I> {
-    fn new(items: impl Iterator<Item = I>, participants: usize) -> Queue<I> {
+    fn new(items: impl Iterator<Item = I>, participants: usize, order: Order) -> Queue<I> {
         let items: Vec<Option<I>> = items.map(Some).collect();
         let n = items.len();
         let bound = |p: usize| p * n / participants;
-        Queue { items, next: (0..participants).map(bound).collect(), end: (1..=participants).map(bound).collect() }
+        Queue {
+            items,
+            next: (0..participants).map(bound).collect(),
+            end: (1..=participants).map(bound).collect(),
+            order,
+        }
     }
 
     /// The next task of participant `p` and its index.
     fn claim(&mut self, p: usize) -> Option<(usize, I)> {
-        let k = if self.next[p] < self.end[p] {
-            self.next[p] += 1;
-            self.next[p] - 1
+        let (q, own) = if self.next[p] < self.end[p] {
+            (p, true)
         } else {
             let q = (0..self.next.len()).max_by_key(|&q| self.end[q] - self.next[q])?;
             if self.end[q] == self.next[q] {
                 return None;
             }
+            (q, false)
+        };
+        // the owner takes from its end of the segment, a thief from the other
+        let k = if own == (self.order == Order::Forward) {
+            self.next[q] += 1;
+            self.next[q] - 1
+        } else {
             self.end[q] -= 1;
             self.end[q]
         };
@@ -181,18 +217,20 @@ mod tests {
     fn results_come_back_in_task_order() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for helpers in 0..4 {
-            let mut out = vec![(7, 7)];
-            fork_join(Some(&pool), helpers, (0..1000).map(|i| i * 2), |k, v| (k, v + 1), &mut out);
-            assert_eq!(out, (0..1000).map(|k| (k, 2 * k + 1)).collect::<Vec<_>>());
-            let mut out = vec![1u8];
-            fork_join(None, helpers, std::iter::empty::<u8>(), |_, v| v, &mut out);
-            assert!(out.is_empty());
+            for order in [Order::Forward, Order::Backward] {
+                let mut out = vec![(7, 7)];
+                fork_join(Some(&pool), helpers, ((0..1000).map(|i| i * 2), order), |k, v| (k, v + 1), &mut out);
+                assert_eq!(out, (0..1000).map(|k| (k, 2 * k + 1)).collect::<Vec<_>>());
+                let mut out = vec![1u8];
+                fork_join(None, helpers, (std::iter::empty::<u8>(), order), |_, v| v, &mut out);
+                assert!(out.is_empty());
+            }
         }
     }
 
     #[test]
     fn queue_gives_each_owner_its_segment_in_order_then_steals_from_the_back() {
-        let mut q = Queue::new(10..20, 3); // segments 0..3, 3..6, 6..10
+        let mut q = Queue::new(10..20, 3, Order::Forward); // segments 0..3, 3..6, 6..10
         assert_eq!(q.claim(1), Some((3, 13)));
         assert_eq!(q.claim(0), Some((0, 10)));
         assert_eq!(q.claim(1), Some((4, 14)));
@@ -204,12 +242,46 @@ mod tests {
         rest.sort_unstable();
         assert_eq!(rest, vec![1, 2, 7, 8]);
         assert_eq!(q.claim(1), None);
-        assert_eq!(Queue::new(0..0, 2).claim(0), None);
+        assert_eq!(Queue::new(0..0, 2, Order::Forward).claim(0), None);
         // more participants than tasks
-        let mut q = Queue::new(0..2, 5);
+        let mut q = Queue::new(0..2, 5, Order::Forward);
         let mut got: Vec<usize> = (0..5).filter_map(|p| q.claim(p)).map(|(k, _)| k).collect();
         got.sort_unstable();
         assert_eq!(got, vec![0, 1]);
+    }
+
+    #[test]
+    fn backward_queue_gives_each_owner_its_segment_from_the_back_then_steals_from_the_front() {
+        let mut q = Queue::new(10..20, 3, Order::Backward); // segments 0..3, 3..6, 6..10
+        assert_eq!(q.claim(1), Some((5, 15)));
+        assert_eq!(q.claim(0), Some((2, 12)));
+        assert_eq!(q.claim(1), Some((4, 14)));
+        assert_eq!(q.claim(1), Some((3, 13)));
+        // participant 1's segment is empty: it takes the first task of the fullest (2's)
+        assert_eq!(q.claim(1), Some((6, 16)));
+        assert_eq!(q.claim(2), Some((9, 19)));
+        let mut rest: Vec<usize> = std::iter::from_fn(|| q.claim(0)).map(|(k, _)| k).collect();
+        rest.sort_unstable();
+        assert_eq!(rest, vec![0, 1, 7, 8]);
+        assert_eq!(q.claim(2), None);
+    }
+
+    #[test]
+    fn a_lone_caller_runs_backward_tasks_last_first() {
+        let seen = Mutex::new(Vec::new());
+        let mut out = Vec::new();
+        fork_join(
+            None,
+            0,
+            (10..15, Order::Backward),
+            |k, v| {
+                lock(&seen).push(k);
+                v * 2
+            },
+            &mut out,
+        );
+        assert_eq!(out, vec![20, 22, 24, 26, 28]);
+        assert_eq!(*lock(&seen), vec![4, 3, 2, 1, 0]);
     }
 
     #[test]
@@ -220,12 +292,12 @@ mod tests {
                 assert!(k != 57, "task 57");
                 k
             };
-            fork_join(Some(&pool), 1, 0..100, task, &mut Vec::new());
+            fork_join(Some(&pool), 1, (0..100, Order::Forward), task, &mut Vec::new());
         }));
         assert!(r.is_err());
         // the pool still works afterwards
         let mut out = Vec::new();
-        fork_join(Some(&pool), 1, 0..3, |k, _| k, &mut out);
+        fork_join(Some(&pool), 1, (0..3, Order::Backward), |k, _| k, &mut out);
         assert_eq!(out, vec![0, 1, 2]);
     }
 }
