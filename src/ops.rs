@@ -501,7 +501,7 @@ fn cpu_forward_inference<T: Element>(
     let rv = host("running_var", a.running_var)?;
     let maps = channel_maps(rm.iter().copied(), rv.iter().map(|&v| invstd(v as f64, cfg.eps)), w, b);
     let relu = cfg.activation == Activation::Relu;
-    cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, &maps);
+    cpu::normalize(dev, shape, cpu::Forward { x, z, y, relu }, &maps, cpu::Order::Forward);
     Ok(())
 }
 
@@ -541,14 +541,14 @@ fn cpu_backward<T: Element>(dev: &cpu::CpuDevice, shape: &Shape, cfg: &Config, a
         cpu::backward(dev, shape, args, mean, grad)
     } else {
         // frozen statistics: dx = g * w * invstd, the sums only feed dweight / dbias
-        let sums = if dweight.is_some() || dbias.is_some() {
-            cpu::grad_sums(dev, shape, dy, x, y, mean)
+        let (sums, order) = if dweight.is_some() || dbias.is_some() {
+            (cpu::grad_sums(dev, shape, dy, x, y, mean), cpu::Order::Backward)
         } else {
-            Scratch::with_capacity(0)
+            (Scratch::with_capacity(0), cpu::Order::Forward)
         };
         let maps =
             Scratch::collect(c, (0..c).map(|ch| GradMap { mean: mean[ch], a: wi(ch) as f32, gmean: 0.0, k: 0.0 }));
-        cpu::grad_input(dev, shape, args, &maps);
+        cpu::grad_input(dev, shape, args, &maps, order);
         sums
     };
     if let Some(d) = dweight {

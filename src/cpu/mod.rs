@@ -20,7 +20,7 @@ use partition::Split;
 use simd::dispatch;
 pub use simd::SimdLevel;
 use std::sync::Arc;
-use team::Order;
+pub(crate) use team::Order;
 
 /// A CPU "device": a thread pool (rayon's global one unless told otherwise) and the SIMD
 /// level the kernels run with.
@@ -105,7 +105,9 @@ pub enum Stores {
     /// runs of the resnet50 suite (before and after streaming), the streamed cases took
     /// 0.39-1.04x the time from 25.7 MB of f32 output and from 51 MB of f16/bf16, but
     /// 16-bit forward passes at 25.7 MB took 1.06-1.35x (a 16-bit pass converts more per
-    /// byte and hides more of the line reads).
+    /// byte and hides more of the line reads). On a 2-core AMD EPYC (Zen 4, 1 MiB L2 per
+    /// core, 32 MiB L3), `BNORM_CPU_STORES=cached` against this policy (7 cases of 25.7 to
+    /// 51 MB of output, 4 alternated rounds) took 0.83-1.92x the time, geomean 1.29x.
     #[default]
     Auto,
     /// Always through the caches.
@@ -534,7 +536,7 @@ pub(crate) fn forward_training<T: Element>(
     let Some(f) = Fused::plan::<T>(shape, dev.threads(), 2) else {
         let moments = moments(dev, shape, a.x);
         let invstd = moments.invstd(eps);
-        normalize(dev, shape, a, &affine(0, &moments, &invstd));
+        normalize(dev, shape, a, &affine(0, &moments, &invstd), Order::Backward);
         return (moments, invstd);
     };
     let level = dev.simd;
@@ -575,7 +577,7 @@ pub(crate) fn backward<T: Element>(
     let Some(f) = Fused::plan::<T>(shape, dev.threads(), 3) else {
         let sums = grad_sums(dev, shape, a.dy, a.x, a.y, mean);
         let maps = Scratch::collect(sums.len(), sums.iter().enumerate().map(|(ch, g)| grad(ch, g)));
-        grad_input(dev, shape, a, &maps);
+        grad_input(dev, shape, a, &maps, Order::Backward);
         return sums;
     };
     let level = dev.simd;
@@ -610,8 +612,15 @@ pub(crate) fn backward<T: Element>(
 
 // ---------------------------------------------------------------- normalize
 
-/// `y = act((x - mean) * scale + shift + z)` with the per-channel maps.
-pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'_, T>, maps: &[ChannelAffine]) {
+/// `y = act((x - mean) * scale + shift + z)` with the per-channel maps, each thread taking
+/// its share of the tasks in `order` ([`Order::Backward`] after a pass over `x`).
+pub(crate) fn normalize<T: Element>(
+    dev: &CpuDevice,
+    shape: &Shape,
+    a: Forward<'_, T>,
+    maps: &[ChannelAffine],
+    order: Order,
+) {
     let level = dev.simd;
     let threads = dev.threads();
     let Forward { x, z, y, relu } = a;
@@ -623,7 +632,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
-            dev.for_chunks(y, chunk, Order::Backward, |t, y| {
+            dev.for_chunks(y, chunk, order, |t, y| {
                 let (lo, hi) = (t * chunk, t * chunk + y.len());
                 let mut slab = [NormSlab { x: &x[lo..hi], z: z.map(|z| &z[lo..hi]), y, first: t * runs_per }];
                 dispatch(level, NormalizeSlabs { slabs: &mut slab, run: s, maps, relu, stream, ahead });
@@ -634,7 +643,7 @@ pub(crate) fn normalize<T: Element>(dev: &CpuDevice, shape: &Shape, a: Forward<'
             let mean = periodic(maps, |m| m.mean);
             let scale = periodic(maps, |m| m.scale);
             let shift = periodic(maps, |m| m.shift);
-            dev.for_chunks(y, rows_per * c, Order::Backward, |t, yb| {
+            dev.for_chunks(y, rows_per * c, order, |t, yb| {
                 let lo = t * rows_per * c;
                 let hi = lo + yb.len();
                 dispatch(
@@ -709,8 +718,16 @@ pub(crate) fn grad_sums<T: Element>(
     }
 }
 
-/// `dx = a * ((g - gmean) + k * (x - mean))` per channel, and `dz = g` when asked.
-pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward<'_, T>, maps: &[GradMap]) {
+/// `dx = a * ((g - gmean) + k * (x - mean))` per channel, and `dz = g` when asked, each
+/// thread taking its share of the tasks in `order` ([`Order::Backward`] after a pass over
+/// `x` and `dy`).
+pub(crate) fn grad_input<T: Element>(
+    dev: &CpuDevice,
+    shape: &Shape,
+    a: Backward<'_, T>,
+    maps: &[GradMap],
+    order: Order,
+) {
     let level = dev.simd;
     let threads = dev.threads();
     let stream = dev.streams(T::DTYPE, a.outputs());
@@ -721,16 +738,12 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
         Pattern::Planes { s, .. } => {
             let runs_per = partition::runs_per_task(s);
             let chunk = runs_per * s;
-            dev.map_items(
-                paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))),
-                Order::Backward,
-                |t, (dx, dz)| {
-                    let (lo, hi) = (t * chunk, t * chunk + dx.len());
-                    let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
-                    let mut slab = [GradSlab { inp, dx, dz, first: t * runs_per }];
-                    dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps, stream, ahead });
-                },
-            );
+            dev.map_items(paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))), order, |t, (dx, dz)| {
+                let (lo, hi) = (t * chunk, t * chunk + dx.len());
+                let inp = GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) };
+                let mut slab = [GradSlab { inp, dx, dz, first: t * runs_per }];
+                dispatch(level, GradSlabs { slabs: &mut slab, run: s, maps, stream, ahead });
+            });
         }
         Pattern::Rows { rows, c } => {
             let rows_per = partition::rows_per_task(rows, c, threads);
@@ -739,30 +752,26 @@ pub(crate) fn grad_input<T: Element>(dev: &CpuDevice, shape: &Shape, a: Backward
             let ca = periodic(maps, |m| m.a);
             let gmean = periodic(maps, |m| m.gmean);
             let k = periodic(maps, |m| m.k);
-            dev.map_items(
-                paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))),
-                Order::Backward,
-                |t, (dxb, dzb)| {
-                    let lo = t * chunk;
-                    let hi = lo + dxb.len();
-                    dispatch(
-                        level,
-                        GradRows {
-                            inp: GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) },
-                            dx: dxb,
-                            dz: dzb,
-                            c,
-                            mean: &mean,
-                            a: &ca,
-                            gmean: &gmean,
-                            k: &k,
-                            stream,
-                            ahead,
-                            beyond_l2,
-                        },
-                    );
-                },
-            );
+            dev.map_items(paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))), order, |t, (dxb, dzb)| {
+                let lo = t * chunk;
+                let hi = lo + dxb.len();
+                dispatch(
+                    level,
+                    GradRows {
+                        inp: GradRun { dy: &dy[lo..hi], x: &x[lo..hi], y: y.map(|y| &y[lo..hi]) },
+                        dx: dxb,
+                        dz: dzb,
+                        c,
+                        mean: &mean,
+                        a: &ca,
+                        gmean: &gmean,
+                        k: &k,
+                        stream,
+                        ahead,
+                        beyond_l2,
+                    },
+                );
+            });
         }
     }
 }
