@@ -33,11 +33,10 @@ pub(crate) enum Order {
     /// From the segment's first task to its last: a first pass over the data.
     Forward,
     /// From the segment's last task to its first: a second pass over data that a first
-    /// pass (or the op that wrote it) walked forward, so that each thread starts where the
-    /// data most recently touched, the most likely still in the caches, lies. When an op's
-    /// inputs outgrow the last-level cache, a second forward pass finds none of them there
-    /// (the first pass's start was evicted by its end), a backward one finds its first
-    /// tasks' data there.
+    /// pass walked forward, so that each thread starts where the data most recently
+    /// touched, the most likely still in the caches, lies. When an op's inputs outgrow the
+    /// last-level cache, a second forward pass finds none of them there (the first pass's
+    /// start was evicted by its end), a backward one finds its first tasks' data there.
     Backward,
 }
 
@@ -229,41 +228,31 @@ mod tests {
     }
 
     #[test]
-    fn queue_gives_each_owner_its_segment_in_order_then_steals_from_the_back() {
-        let mut q = Queue::new(10..20, 3, Order::Forward); // segments 0..3, 3..6, 6..10
-        assert_eq!(q.claim(1), Some((3, 13)));
-        assert_eq!(q.claim(0), Some((0, 10)));
-        assert_eq!(q.claim(1), Some((4, 14)));
-        assert_eq!(q.claim(1), Some((5, 15)));
-        // participant 1's segment is empty: it takes the last task of the fullest (2's)
-        assert_eq!(q.claim(1), Some((9, 19)));
-        assert_eq!(q.claim(2), Some((6, 16)));
-        let mut rest: Vec<usize> = std::iter::from_fn(|| q.claim(0)).map(|(k, _)| k).collect();
-        rest.sort_unstable();
-        assert_eq!(rest, vec![1, 2, 7, 8]);
-        assert_eq!(q.claim(1), None);
-        assert_eq!(Queue::new(0..0, 2, Order::Forward).claim(0), None);
-        // more participants than tasks
-        let mut q = Queue::new(0..2, 5, Order::Forward);
-        let mut got: Vec<usize> = (0..5).filter_map(|p| q.claim(p)).map(|(k, _)| k).collect();
-        got.sort_unstable();
-        assert_eq!(got, vec![0, 1]);
-    }
-
-    #[test]
-    fn backward_queue_gives_each_owner_its_segment_from_the_back_then_steals_from_the_front() {
-        let mut q = Queue::new(10..20, 3, Order::Backward); // segments 0..3, 3..6, 6..10
-        assert_eq!(q.claim(1), Some((5, 15)));
-        assert_eq!(q.claim(0), Some((2, 12)));
-        assert_eq!(q.claim(1), Some((4, 14)));
-        assert_eq!(q.claim(1), Some((3, 13)));
-        // participant 1's segment is empty: it takes the first task of the fullest (2's)
-        assert_eq!(q.claim(1), Some((6, 16)));
-        assert_eq!(q.claim(2), Some((9, 19)));
-        let mut rest: Vec<usize> = std::iter::from_fn(|| q.claim(0)).map(|(k, _)| k).collect();
-        rest.sort_unstable();
-        assert_eq!(rest, vec![0, 1, 7, 8]);
-        assert_eq!(q.claim(2), None);
+    fn queue_gives_each_owner_its_segment_in_order_then_steals_from_the_other_end() {
+        // segments 0..3, 3..6, 6..10; per order: (participant, task it gets) in turn, with
+        // participant 1's fifth claim stealing from the fullest segment (2's), then what
+        // participant 0 takes to the end
+        let scripts = [
+            (Order::Forward, [(1, 3), (0, 0), (1, 4), (1, 5), (1, 9), (2, 6)], vec![1, 2, 7, 8]),
+            (Order::Backward, [(1, 5), (0, 2), (1, 4), (1, 3), (1, 6), (2, 9)], vec![0, 1, 7, 8]),
+        ];
+        for (order, claims, rest) in scripts {
+            let mut q = Queue::new(10..20, 3, order);
+            for (p, k) in claims {
+                assert_eq!(q.claim(p), Some((k, 10 + k)), "{order:?}, participant {p}");
+            }
+            let mut left: Vec<usize> = std::iter::from_fn(|| q.claim(0)).map(|(k, _)| k).collect();
+            left.sort_unstable();
+            assert_eq!(left, rest, "{order:?}");
+            assert_eq!(q.claim(1), None);
+            assert_eq!(q.claim(2), None);
+            assert_eq!(Queue::new(0..0, 2, order).claim(0), None);
+            // more participants than tasks
+            let mut q = Queue::new(0..2, 5, order);
+            let mut got: Vec<usize> = (0..5).filter_map(|p| q.claim(p)).map(|(k, _)| k).collect();
+            got.sort_unstable();
+            assert_eq!(got, vec![0, 1], "{order:?}");
+        }
     }
 
     #[test]
