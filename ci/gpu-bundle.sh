@@ -7,9 +7,10 @@
 #                and would push the bundle past 64 MiB), debug info stripped
 #   bnorm        the command-line tool (package bnorm-cli, with its `cudnn` feature: the cuDNN
 #                peer of `bnorm bench`, libcudnn loaded at run time), when the workspace has it
-#   bnorm-variant  the same tool with the kernels compiled with GPU_BUNDLE_VARIANT_FLAGS
+#   bnorm-variant.gz  the same tool with the kernels compiled with GPU_BUNDLE_VARIANT_FLAGS
 #                (nvcc flags, e.g. "-DBN_STATS_ROWS_GROUPS=2"; only when that is set, in a
-#                target folder of its own): ci/gpu-session.sh then A/Bs bnorm against it
+#                target folder of its own), gzipped: ci/gpu-session.sh unpacks it and A/Bs
+#                bnorm against it
 #   gpu-run.sh   runs the tests and checks there (see that script)
 #   gpu-bench.sh the measurement of issue 4 against cuDNN and PyTorch (see that script)
 #   torch_bench.py  the PyTorch peer it runs
@@ -87,6 +88,9 @@ if [[ -n "${GPU_BUNDLE_VARIANT_FLAGS:-}" && -f "$root/cli/Cargo.toml" ]]; then
     --target-dir "$target_dir/variant"
   cp "$target_dir/variant/release/bnorm" "$dest/bnorm-variant"
   strip --strip-debug "$dest/bnorm-variant" 2>/dev/null || true
+  # gzipped (19 -> 8 MB) so that the bundle with both tools stays under 64 MiB;
+  # ci/gpu-session.sh unpacks it
+  gzip -9 "$dest/bnorm-variant"
   echo "$GPU_BUNDLE_VARIANT_FLAGS" >"$dest/bnorm-variant.flags"
 fi
 for f in gpu-run.sh gpu-bench.sh gpu-all.sh torch_bench.py; do

@@ -34,12 +34,15 @@ status=$?
 
 # A/B, both binaries alternating over the same cases in this call (GPU_AB_ARGS,
 # GPU_AB_ROUNDS, at most GPU_AB_LIMIT_S seconds): bnorm against a compile-time variant of
-# its kernels (.bundle/bnorm-variant, from gpu-bundle.sh's GPU_BUNDLE_VARIANT_FLAGS), else
+# its kernels (.bundle/bnorm-variant.gz, from gpu-bundle.sh's GPU_BUNDLE_VARIANT_FLAGS), else
 # a baseline binary put in the bundle by hand (.bundle/bnorm-base, e.g. the previous
 # commit's) against bnorm.
 ab_pair=()
-if [[ -x "$bundle/bnorm-variant" ]]; then
-  ab_pair=("$bundle/bnorm" "$bundle/bnorm-variant")
+if [[ -f "$bundle/bnorm-variant.gz" ]]; then
+  gunzip -c "$bundle/bnorm-variant.gz" >"$work/bnorm-variant" && chmod +x "$work/bnorm-variant"
+fi
+if [[ -x "$work/bnorm-variant" ]]; then
+  ab_pair=("$bundle/bnorm" "$work/bnorm-variant")
   echo "A/B: base = bnorm, new = bnorm-variant ($(cat "$bundle/bnorm-variant.flags" 2>/dev/null))" >"$work/ab.txt"
 elif [[ -x "$bundle/bnorm-base" ]]; then
   ab_pair=("$bundle/bnorm-base" "$bundle/bnorm")
