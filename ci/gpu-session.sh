@@ -8,7 +8,8 @@
 # baseline binary is there, below), and every log packed into gpu-logs.tar.gz. The last
 # lines printed are the summaries, the targets and the A/B's geomean.
 #
-# Next GPU session, first call (the two-group statistics loop, docs/perf-notes.md):
+# A compile-time kernel variant A/B'd in the same call (as on 2026-12-04 for the two-group
+# statistics loop, docs/perf-notes.md; 208 s in all, the sanitizers then had no time left):
 #   here:  GPU_BUNDLE_VARIANT_FLAGS=-DBN_STATS_ROWS_GROUPS=2 ci/gpu-bundle.sh
 #   there: GPU_AB_ARGS="--device cuda --suite resnet50 --batch 256 --combos f32:cl,f16:cl,bf16:cl
 #          --ops forward_train --reps 20 --warmup 3" GPU_AB_ROUNDS=3 bash ci/gpu-session.sh 230
