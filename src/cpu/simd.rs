@@ -172,6 +172,31 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         }
     }
 
+    /// Store like [`put`](Simd::put) but with the conversion's fast path only, noting in
+    /// `seen` (start from [`fast_seen`](Simd::fast_seen)) what
+    /// [`fast_put_wrong`](Simd::fast_put_wrong) needs to tell whether some stored value is
+    /// wrong and must be stored again with `put`. Only AVX512-BF16's conversion has such
+    /// values (f32 denormals, which it reads as zero); a kernel notes many vectors and
+    /// tests once, instead of a test and branch per vector in `put`.
+    #[inline(always)]
+    fn put_fast<T: Element>(self, dst: &mut [T], v: Self::V, stream: bool, seen: &mut Self::V) {
+        let _ = seen;
+        self.put(dst, v, stream);
+    }
+
+    /// The starting `seen` of [`put_fast`](Simd::put_fast).
+    #[inline(always)]
+    fn fast_seen(self) -> Self::V {
+        self.splat(f32::from_bits(u32::MAX))
+    }
+
+    /// Whether a [`put_fast`](Simd::put_fast) that noted `seen` stored a wrong value.
+    #[inline(always)]
+    fn fast_put_wrong(self, seen: Self::V) -> bool {
+        let _ = seen;
+        false
+    }
+
     /// The lanes as an array (only the first `LANES` entries are meaningful).
     #[inline(always)]
     fn to_array(self, v: Self::V) -> [f32; 16] {
@@ -345,7 +370,7 @@ pub(crate) use x86::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Kernel, Simd};
+    use super::{DType, Element, Kernel, Simd};
     use std::arch::x86_64::*;
 
     pub(super) fn avx512_ok() -> bool {
@@ -523,6 +548,37 @@ mod x86 {
         fn fence(self) {
             // SAFETY: SSE is part of x86_64.
             unsafe { _mm_sfence() }
+        }
+        #[inline(always)]
+        fn put_fast<T: Element>(self, dst: &mut [T], v: __m512, stream: bool, seen: &mut __m512) {
+            if !(BF16 && T::DTYPE == DType::BF16) {
+                self.put(dst, v, stream);
+                return;
+            }
+            assert!(dst.len() >= 16);
+            let d = dst.as_mut_ptr() as *mut __m256i;
+            // SAFETY: `Avx512<true>` exists only where the CPU has AVX512-BF16 (see the impl
+            // comment); 32 bytes from `d` are writable (checked), 32-byte aligned where
+            // streamed (tested).
+            unsafe {
+                let p = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+                if stream && (d as usize).is_multiple_of(32) {
+                    _mm256_stream_si256(d, p)
+                } else {
+                    _mm256_storeu_si256(d, p)
+                }
+                // the bits without the sign, less one, as unsigned: zero wraps to the top,
+                // a denormal lies below 0x00ff_ffff, a normal, infinity or NaN at or above;
+                // `seen` keeps the lanes' minimum (three integer ops, no mask register and
+                // no branch per vector)
+                let t = _mm512_sub_epi32(_mm512_slli_epi32::<1>(_mm512_castps_si512(v)), _mm512_set1_epi32(1));
+                *seen = _mm512_castsi512_ps(_mm512_min_epu32(_mm512_castps_si512(*seen), t));
+            }
+        }
+        #[inline(always)]
+        fn fast_put_wrong(self, seen: __m512) -> bool {
+            // SAFETY: AVX-512F (see the impl comment).
+            BF16 && unsafe { _mm512_cmplt_epu32_mask(_mm512_castps_si512(seen), _mm512_set1_epi32(0x00ff_ffff)) != 0 }
         }
     }
 
