@@ -1014,9 +1014,10 @@ impl<T: Element> NormalizeSlabs<'_, '_, T> {
 }
 
 /// Walk the vectors `[lo, hi)` (whole vectors) of a stream of consecutive runs of
-/// `run >= LANES` values, run `r` of channel `(first + r) % c`, calling `body(p, params)`
-/// with the splatted parameters `get(channel)` of the vector's run; a vector straddling two
-/// runs gets the two runs' parameters blended. The channel is stepped, not divided out per
+/// `run >= LANES` values, run `r` of channel `(first + r) % c`, calling
+/// `body(p, count, params)` for each stretch of `count` whole vectors from `p` in one run,
+/// with the splatted parameters `get(channel)` of that run; a vector straddling two runs
+/// goes alone (`count` 1) with the two runs' parameters blended. The channel is stepped, not divided out per
 /// run (a division per 7x7 run was a tenth of an f16 inference).
 /// `body` has a single call site so that it is always inlined (an out-of-line closure
 /// would lose the caller's target features and call every intrinsic).
@@ -1028,7 +1029,7 @@ fn walk_runs<S: Simd, const K: usize>(
     run: usize,
     (first, c): (usize, usize),
     get: impl Fn(usize) -> [f32; K],
-    mut body: impl FnMut(usize, &[S::V; K]),
+    mut body: impl FnMut(usize, usize, &[S::V; K]),
 ) {
     let l = S::LANES;
     let splat = |ch: usize| {
@@ -1068,11 +1069,107 @@ fn walk_runs<S: Simd, const K: usize>(
             cur = next;
             (v, 1)
         };
-        for j in 0..count {
-            body(p + j * l, &params);
-        }
+        body(p, count, &params);
         p += count * l;
     }
+}
+
+/// Vectors per block of [`pipelined!`].
+const PIPE_BLOCK: usize = 4;
+
+/// The bytes modulo which a load is matched against older stores for store-to-load
+/// forwarding before the full address is known (4 KiB on x86: bits 11..0).
+const ALIAS_SPAN: usize = 4096;
+
+/// Whether stores to `out` would be followed closely by loads from one of `inputs` at an
+/// address equal modulo [`ALIAS_SPAN`]: `out` starts 1 to `PIPE_BLOCK` vectors' bytes past
+/// an input's start, modulo the span (consecutive heap allocations of one size place the
+/// second 16 bytes past the first). A vector loop that stores each result before the next
+/// load then waits on each store (a false dependency): on Zen 2 a channels-first pass ran
+/// 2-4x slower with `y` 16-64 bytes past `x`. [`pipelined!`] walks such outputs.
+fn stores_alias<S: Simd, T>(out: &[T], inputs: &[&[T]]) -> bool {
+    let block = PIPE_BLOCK * S::LANES * std::mem::size_of::<T>();
+    let at = out.as_ptr() as usize;
+    inputs.iter().any(|i| (1..=block).contains(&(at.wrapping_sub(i.as_ptr() as usize) % ALIAS_SPAN)))
+}
+
+/// For each vector `j` in `0..count`: `let v = load(j)`, then `store(j, v)`, with the
+/// loads of each block of [`PIPE_BLOCK`] vectors issued before the previous block is
+/// stored, so that no load follows a store of fewer than a block's bytes before it (see
+/// [`stores_alias`]). A macro, not a function taking closures: the bodies must be
+/// expanded inside the caller's `#[target_feature]` code (a closure called from several
+/// sites of a generic helper is not inlined, and each intrinsic becomes a call).
+macro_rules! pipelined {
+    ($count:expr, |$j:ident| $load:expr, |$i:ident, $v:ident| $store:expr) => {{
+        let count: usize = $count;
+        let mut at = 0usize;
+        if count >= 2 * PIPE_BLOCK {
+            let mut cur = [
+                {
+                    let $j = 0usize;
+                    $load
+                },
+                {
+                    let $j = 1usize;
+                    $load
+                },
+                {
+                    let $j = 2usize;
+                    $load
+                },
+                {
+                    let $j = 3usize;
+                    $load
+                },
+            ];
+            at = PIPE_BLOCK;
+            loop {
+                let b = at;
+                let next = if b + PIPE_BLOCK <= count {
+                    Some([
+                        {
+                            let $j = b;
+                            $load
+                        },
+                        {
+                            let $j = b + 1;
+                            $load
+                        },
+                        {
+                            let $j = b + 2;
+                            $load
+                        },
+                        {
+                            let $j = b + 3;
+                            $load
+                        },
+                    ])
+                } else {
+                    None
+                };
+                for (k, $v) in cur.into_iter().enumerate() {
+                    let $i = b - PIPE_BLOCK + k;
+                    $store;
+                }
+                match next {
+                    Some(n) => {
+                        cur = n;
+                        at += PIPE_BLOCK;
+                    }
+                    None => break,
+                }
+            }
+        }
+        while at < count {
+            let $v = {
+                let $j = at;
+                $load
+            };
+            let $i = at;
+            $store;
+            at += 1;
+        }
+    }};
 }
 
 /// One slab: a flat vector loop (aligned stores, parameters blended where a vector
@@ -1124,8 +1221,21 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         let m = maps[ch];
         [m.mean, m.scale, m.shift]
     };
-    walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, scale, shift]| {
-        norm_vec::<S, T, ADD, RELU>(s, x, z, y, p, (mean, scale, shift), (stream, pf));
+    let inputs: &[&[T]] = if ADD { &[x, z] } else { &[x] };
+    let alias = stores_alias::<S, T>(y, inputs);
+    let l = S::LANES;
+    walk_runs(s, lo, hi, run, (sl.first, c), get, |p, count, &[mean, scale, shift]| {
+        if alias {
+            pipelined!(
+                count,
+                |j| norm_value::<S, T, ADD, RELU>(s, x, z, p + j * l, (mean, scale, shift), pf),
+                |i, v| s.put(&mut y[p + i * l..], v, stream)
+            );
+        } else {
+            for j in 0..count {
+                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p + j * l, (mean, scale, shift), (stream, pf));
+            }
+        }
     });
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
@@ -1957,23 +2067,52 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     let dx = &mut sl.dx[..n];
     let mut no_dz: [T; 0] = [];
     let dz: &mut [T] = if DZ { sl.dz.as_deref_mut().map_or(&mut no_dz[..], |d| &mut d[..n]) } else { &mut no_dz };
-    walk_runs(s, lo, hi, run, (sl.first, c), get, |p, &[mean, a, gmean, k]| {
-        pf.fetch(s, dy, p);
-        pf.fetch(s, x, p);
-        if RELU {
-            pf.fetch(s, y, p);
-        }
-        let d = s.load(&dy[p..]);
-        let g = if RELU { s.where_positive(s.load(&y[p..]), d) } else { d };
-        let v = s.mul(a, s.fma(k, s.sub(s.load(&x[p..]), mean), s.sub(g, gmean)));
-        s.put(&mut dx[p..], v, stream);
-        if DZ {
-            s.put(&mut dz[p..], g, stream);
+    let inputs: &[&[T]] = if RELU { &[dy, x, y] } else { &[dy, x] };
+    let alias = stores_alias::<S, T>(dx, inputs) || (DZ && stores_alias::<S, T>(dz, inputs));
+    let l = S::LANES;
+    walk_runs(s, lo, hi, run, (sl.first, c), get, |p0, count, &[mean, a, gmean, k]| {
+        let params = (mean, a, gmean, k);
+        if alias {
+            pipelined!(count, |j| gate_value::<S, T, RELU>(s, (dy, x, y), p0 + j * l, params, pf), |i, v| {
+                s.put(&mut dx[p0 + i * l..], v.0, stream);
+                if DZ {
+                    s.put(&mut dz[p0 + i * l..], v.1, stream);
+                }
+            });
+        } else {
+            for j in 0..count {
+                let p = p0 + j * l;
+                let (v, g) = gate_value::<S, T, RELU>(s, (dy, x, y), p, params, pf);
+                s.put(&mut dx[p..], v, stream);
+                if DZ {
+                    s.put(&mut dz[p..], g, stream);
+                }
+            }
         }
     });
     // heads and tails shorter than a vector: grad_span runs them scalar
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream, pf), map_of);
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, pf), map_of);
+}
+
+/// The vectors at `p` of `dx` and of `g` (= `dz`) as [`grad_values`] computes them, with
+/// the ReLU gate (`y`) fixed at compile time and prefetching further on as `pf` says.
+#[inline(always)]
+fn gate_value<S: Simd, T: Element, const RELU: bool>(
+    s: S,
+    (dy, x, y): (&[T], &[T], &[T]),
+    p: usize,
+    (mean, a, gmean, k): (S::V, S::V, S::V, S::V),
+    pf: impl Fetch,
+) -> (S::V, S::V) {
+    pf.fetch(s, dy, p);
+    pf.fetch(s, x, p);
+    if RELU {
+        pf.fetch(s, y, p);
+    }
+    let d = s.load(&dy[p..]);
+    let g = if RELU { s.where_positive(s.load(&y[p..]), d) } else { d };
+    (s.mul(a, s.fma(k, s.sub(s.load(&x[p..]), mean), s.sub(g, gmean))), g)
 }
 
 /// The vector at `p`: `dx = a * (k * (x - mean) + g - gmean)` with `g` = `dy`, zeroed
@@ -2420,6 +2559,152 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `pipelined!` for every count from 0 to 21: each vector loaded once and stored
+    /// once with its own value, stores in order, and (the point of it) every store of a
+    /// whole block issued after the loads of the next whole block.
+    #[test]
+    fn pipelined_stores_each_vector_once_after_the_next_blocks_loads() {
+        use std::cell::RefCell;
+        for count in 0..=21usize {
+            let log = RefCell::new(Vec::new());
+            pipelined!(
+                count,
+                |j| {
+                    log.borrow_mut().push(('l', j));
+                    j * 10 + 1
+                },
+                |i, v| {
+                    assert_eq!(v, i * 10 + 1, "count {count}: vector {i} stored another's value");
+                    log.borrow_mut().push(('s', i));
+                }
+            );
+            let log = log.into_inner();
+            let at = |e: (char, usize)| log.iter().position(|&x| x == e);
+            assert_eq!(log.len(), 2 * count, "count {count}: {log:?}");
+            let stores: Vec<usize> = log.iter().filter(|e| e.0 == 's').map(|e| e.1).collect();
+            assert_eq!(stores, (0..count).collect::<Vec<_>>(), "count {count}");
+            for j in 0..count {
+                assert!(at(('l', j)).unwrap() < at(('s', j)).unwrap(), "count {count}: {j} stored before loaded");
+            }
+            let whole = if count >= 2 * PIPE_BLOCK { count / PIPE_BLOCK * PIPE_BLOCK } else { 0 };
+            for i in 0..whole.saturating_sub(PIPE_BLOCK) {
+                let last_of_next = (i / PIPE_BLOCK + 2) * PIPE_BLOCK - 1;
+                assert!(
+                    at(('l', last_of_next)).unwrap() < at(('s', i)).unwrap(),
+                    "count {count}: {i} stored before {last_of_next} was loaded: {log:?}"
+                );
+            }
+        }
+    }
+
+    /// `stores_alias` flags an output 1 to `PIPE_BLOCK` vectors' bytes past an input's
+    /// start modulo 4 KiB, and not one at the same offset, behind it, or further on.
+    #[test]
+    fn stores_alias_flags_outputs_a_block_past_an_input() {
+        use crate::cpu::simd::Scalar;
+        let block = PIPE_BLOCK * Scalar::LANES * 4;
+        let buf = vec![0f32; 3 * ALIAS_SPAN];
+        let x = &buf[..64];
+        for (bytes, want) in [(0, false), (16, true), (block, true), (block + 4, false), (ALIAS_SPAN - 16, false)] {
+            for pages in [0, 1] {
+                let y = &buf[(pages * ALIAS_SPAN + bytes) / 4..][..64];
+                let got = stores_alias::<Scalar, f32>(y, &[x]);
+                assert_eq!(got, want, "y {bytes} bytes past x (+{pages} pages)");
+                assert_eq!(stores_alias::<Scalar, f32>(y, &[y, x]), want, "second input");
+            }
+        }
+    }
+
+    /// `out` of `len` values in `buf`, placed `bytes` past `from` modulo 4 KiB.
+    fn placed<'a, T>(buf: &'a mut [T], from: &[T], bytes: usize, len: usize) -> &'a mut [T] {
+        let size = std::mem::size_of::<T>();
+        let lead = (from.as_ptr() as usize + bytes).wrapping_sub(buf.as_ptr() as usize) % ALIAS_SPAN;
+        assert_eq!(lead % size, 0);
+        &mut buf[lead / size..][..len]
+    }
+
+    /// Channels-first normalize and input gradient (with and without z, ReLU and dz, streamed
+    /// or not) whose outputs sit 0 to 128 bytes past the inputs modulo 4 KiB (the pipelined
+    /// walk) or behind them, on every level, f32 and bf16, with runs that straddle vectors:
+    /// within the f64 formulas' rounding at every placement (which moves the scalar heads).
+    #[test]
+    fn slabs_with_outputs_just_past_the_inputs_match_f64() {
+        fn check<T: Element + std::fmt::Debug>(tol: f64) {
+            for (run, c, runs) in [(784usize, 3usize, 4usize), (20, 5, 23), (9, 2, 11)] {
+                let n = run * runs;
+                let xbuf: Vec<T> = (0..n + 2 * ALIAS_SPAN).map(|i| T::from_f32_rounded(signed(i, 1))).collect();
+                let x = &xbuf[ALIAS_SPAN..][..n];
+                let z: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 2))).collect();
+                let dy: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 3))).collect();
+                let maps: Vec<ChannelAffine> = (0..c)
+                    .map(|j| ChannelAffine {
+                        mean: 0.1 * j as f32,
+                        scale: 1.0 + 0.3 * j as f32,
+                        shift: 0.2 - 0.1 * j as f32,
+                    })
+                    .collect();
+                let gmaps: Vec<GradMap> = (0..c)
+                    .map(|j| GradMap { mean: 0.05 * j as f32, a: 0.7 + 0.1 * j as f32, gmean: 0.02, k: -0.3 })
+                    .collect();
+                let first = 1;
+                let ch = |p: usize| (first + p / run) % c;
+                let f = |v: T| v.to_f64();
+                for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+                    if !level.is_supported() {
+                        continue;
+                    }
+                    for (add, relu, stream) in
+                        [(false, false, false), (true, true, false), (false, true, true), (true, false, true)]
+                    {
+                        for bytes in [0, 16, 32, 48, 64, 128, ALIAS_SPAN - 16] {
+                            let at = format!("{level} run {run} add {add} relu {relu} stream {stream} +{bytes}");
+                            let mut ybuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                            let y = placed(&mut ybuf, x, bytes, n);
+                            let mut slabs = [NormSlab { x, z: add.then_some(&z[..]), y, first }];
+                            let k = NormalizeSlabs { slabs: &mut slabs, run, maps: &maps, relu, stream, ahead: 0 };
+                            dispatch(level, k);
+                            let y = slabs[0].y.to_vec();
+                            let mut dxbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                            let mut dzbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                            let dx = placed(&mut dxbuf, x, bytes, n);
+                            let dz = placed(&mut dzbuf, x, bytes, n);
+                            let inp = GradRun { dy: &dy, x, y: relu.then_some(&y[..]) };
+                            let mut gs = [GradSlab { inp, dx, dz: add.then_some(dz), first }];
+                            dispatch(level, GradSlabs { slabs: &mut gs, run, maps: &gmaps, stream, ahead: 0 });
+                            let dx = gs[0].dx.to_vec();
+                            let dz = gs[0].dz.as_deref().map_or(Vec::new(), |d| d.to_vec());
+                            for p in 0..n {
+                                let (m, g) = (maps[ch(p)], gmaps[ch(p)]);
+                                let mut want = (f(x[p]) - m.mean as f64) * m.scale as f64 + m.shift as f64;
+                                if add {
+                                    want += f(z[p]);
+                                }
+                                if relu {
+                                    want = want.max(0.0);
+                                }
+                                assert!(
+                                    (f(y[p]) - want).abs() <= tol * (1.0 + want.abs()),
+                                    "{at} y[{p}] {:?} {want}",
+                                    y[p]
+                                );
+                                let gate = if relu && f(y[p]) <= 0.0 { 0.0 } else { f(dy[p]) };
+                                let want_dx =
+                                    g.a as f64 * (g.k as f64 * (f(x[p]) - g.mean as f64) + gate - g.gmean as f64);
+                                let err = (f(dx[p]) - want_dx).abs();
+                                assert!(err <= tol * (1.0 + want_dx.abs()), "{at} dx[{p}] {:?} {want_dx}", dx[p]);
+                                if add {
+                                    assert_eq!(f(dz[p]), gate, "{at} dz[{p}]");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>(1e-6);
+        check::<half::bf16>(1e-2);
     }
 
     /// bf16 channels-last normalize whose outputs are f32 denormals in some sub-blocks
