@@ -1017,8 +1017,8 @@ impl<T: Element> NormalizeSlabs<'_, '_, T> {
 /// `run >= LANES` values, run `r` of channel `(first + r) % c`, calling
 /// `body(p, count, params)` for each stretch of `count` whole vectors from `p` in one run,
 /// with the splatted parameters `get(channel)` of that run; a vector straddling two runs
-/// goes alone (`count` 1) with the two runs' parameters blended. The channel is stepped, not divided out per
-/// run (a division per 7x7 run was a tenth of an f16 inference).
+/// goes alone (`count` 1) with the two runs' parameters blended. The channel is stepped,
+/// not divided out per run (a division per 7x7 run was a tenth of an f16 inference).
 /// `body` has a single call site so that it is always inlined (an out-of-line closure
 /// would lose the caller's target features and call every intrinsic).
 #[inline(always)]
@@ -2095,8 +2095,9 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, pf), map_of);
 }
 
-/// The vectors at `p` of `dx` and of `g` (= `dz`) as [`grad_values`] computes them, with
-/// the ReLU gate (`y`) fixed at compile time and prefetching further on as `pf` says.
+/// The vectors at `p` of `dx = a * (k * (x - mean) + g - gmean)` and of `g` (= `dz`):
+/// `g` is `dy`, zeroed where `y <= 0` when `RELU` (else `y` is not read), prefetching
+/// further on as `pf` says.
 #[inline(always)]
 fn gate_value<S: Simd, T: Element, const RELU: bool>(
     s: S,
@@ -2139,14 +2140,12 @@ fn grad_values<S: Simd, T: Element>(
     s: S,
     inp: &GradRun<'_, T>,
     p: usize,
-    (mean, a, gmean, k): (S::V, S::V, S::V, S::V),
+    params: (S::V, S::V, S::V, S::V),
 ) -> (S::V, S::V) {
-    let dy = s.load(&inp.dy[p..]);
-    let g = match inp.y {
-        Some(y) => s.where_positive(s.load(&y[p..]), dy),
-        None => dy,
-    };
-    (s.mul(a, s.fma(k, s.sub(s.load(&inp.x[p..]), mean), s.sub(g, gmean))), g)
+    match inp.y {
+        Some(y) => gate_value::<S, T, true>(s, (inp.dy, inp.x, y), p, params, NoFetch),
+        None => gate_value::<S, T, false>(s, (inp.dy, inp.x, inp.dy), p, params, NoFetch),
+    }
 }
 
 /// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
