@@ -1013,64 +1013,78 @@ impl<T: Element> NormalizeSlabs<'_, '_, T> {
     }
 }
 
-/// Walk the vectors `[lo, hi)` (whole vectors) of a stream of consecutive runs of
-/// `run >= LANES` values, run `r` of channel `(first + r) % c`, calling
-/// `body(p, count, params)` for each stretch of `count` whole vectors from `p` in one run,
-/// with the splatted parameters `get(channel)` of that run; a vector straddling two runs
-/// goes alone (`count` 1) with the two runs' parameters blended. The channel is stepped,
-/// not divided out per run (a division per 7x7 run was a tenth of an f16 inference).
-/// `body` has a single call site so that it is always inlined (an out-of-line closure
-/// would lose the caller's target features and call every intrinsic).
-#[inline(always)]
-fn walk_runs<S: Simd, const K: usize>(
+/// A walk over the vectors `[lo, hi)` (whole vectors) of a stream of consecutive runs
+/// of `run >= LANES` values, run `r` of channel `(first + r) % c`: each [`RunWalk::next`]
+/// gives `(p, count, params)`, a stretch of `count` whole vectors from `p` in one run with
+/// the splatted parameters `get(channel)` of that run; a vector straddling two runs goes
+/// alone (`count` 1) with the two runs' parameters blended. The channel is stepped, not
+/// divided out per run (a division per 7x7 run was a tenth of an f16 inference).
+/// An iterator the caller drives with `while let`, not a helper taking the loop body as a
+/// closure: the body then sits in the caller's `#[target_feature]` code. A body closure
+/// that LLVM declined to inline lost those features and called every intrinsic (CI's
+/// out-of-line check caught one in the input gradient).
+struct RunWalk<S: Simd, G, const K: usize> {
     s: S,
-    lo: usize,
+    get: G,
     hi: usize,
     run: usize,
-    (first, c): (usize, usize),
-    get: impl Fn(usize) -> [f32; K],
-    mut body: impl FnMut(usize, usize, &[S::V; K]),
-) {
-    let l = S::LANES;
-    let splat = |ch: usize| {
-        let p = get(ch);
+    c: usize,
+    ch: usize,
+    run_end: usize,
+    cur: [S::V; K],
+    p: usize,
+}
+
+impl<S: Simd, G: Fn(usize) -> [f32; K], const K: usize> RunWalk<S, G, K> {
+    #[inline(always)]
+    fn new(s: S, (lo, hi): (usize, usize), run: usize, (first, c): (usize, usize), get: G) -> Self {
+        let r = lo / run;
+        let ch = (first + r) % c;
+        let cur = Self::splat(s, &get, ch);
+        RunWalk { s, get, hi, run, c, ch, run_end: (r + 1) * run, cur, p: lo }
+    }
+
+    #[inline(always)]
+    fn splat(s: S, get: &G, ch: usize) -> [S::V; K] {
         let mut v = [s.splat(0.0); K];
-        for (v, p) in v.iter_mut().zip(p) {
+        for (v, p) in v.iter_mut().zip(get(ch)) {
             *v = s.splat(p);
         }
         v
-    };
-    let r = lo / run;
-    let mut ch = (first + r) % c;
-    let mut run_end = (r + 1) * run;
-    let mut cur = splat(ch);
-    let mut p = lo;
-    while p < hi {
-        // the whole vectors left in the current run go in one inner loop (no per-vector
-        // test of the run's end); a vector that starts the next run or straddles two runs
-        // goes alone with its blended parameters
-        let (params, count) = if p + l <= run_end {
-            (cur, (run_end.min(hi) - p) / l)
+    }
+
+    /// The next stretch `(p, count, params)`, or `None` past `hi`.
+    #[inline(always)]
+    fn next(&mut self) -> Option<(usize, usize, [S::V; K])> {
+        let (s, l, p) = (self.s, S::LANES, self.p);
+        if p >= self.hi {
+            return None;
+        }
+        // the whole vectors left in the current run go in one stretch (no per-vector test
+        // of the run's end); a vector that starts the next run or straddles two runs goes
+        // alone with its blended parameters
+        let (params, count) = if p + l <= self.run_end {
+            (self.cur, (self.run_end.min(self.hi) - p) / l)
         } else {
             // the vector starts run r + 1 or straddles runs r and r + 1 (run >= LANES)
-            ch = if ch + 1 == c { 0 } else { ch + 1 };
-            let next = splat(ch);
-            let v = if p < run_end {
-                let k = run_end - p;
+            self.ch = if self.ch + 1 == self.c { 0 } else { self.ch + 1 };
+            let next = Self::splat(s, &self.get, self.ch);
+            let v = if p < self.run_end {
+                let k = self.run_end - p;
                 let mut v = next;
-                for (v, c) in v.iter_mut().zip(cur) {
+                for (v, c) in v.iter_mut().zip(self.cur) {
                     *v = s.select_first(k, c, *v);
                 }
                 v
             } else {
                 next
             };
-            run_end += run;
-            cur = next;
+            self.run_end += self.run;
+            self.cur = next;
             (v, 1)
         };
-        body(p, count, &params);
-        p += count * l;
+        self.p = p + count * l;
+        Some((p, count, params))
     }
 }
 
@@ -1224,7 +1238,8 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     let inputs: &[&[T]] = if ADD { &[x, z] } else { &[x] };
     let alias = stores_alias::<S, T>(y, inputs);
     let l = S::LANES;
-    walk_runs(s, lo, hi, run, (sl.first, c), get, |p, count, &[mean, scale, shift]| {
+    let mut walk = RunWalk::new(s, (lo, hi), run, (sl.first, c), get);
+    while let Some((p, count, [mean, scale, shift])) = walk.next() {
         if alias {
             pipelined!(
                 count,
@@ -1236,7 +1251,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
                 norm_vec::<S, T, ADD, RELU>(s, x, z, y, p + j * l, (mean, scale, shift), (stream, pf));
             }
         }
-    });
+    }
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
         let mut v = (x[p].to_f32() - m.mean).mul_add(m.scale, m.shift);
@@ -2070,7 +2085,8 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     let inputs: &[&[T]] = if RELU { &[dy, x, y] } else { &[dy, x] };
     let alias = stores_alias::<S, T>(dx, inputs) || (DZ && stores_alias::<S, T>(dz, inputs));
     let l = S::LANES;
-    walk_runs(s, lo, hi, run, (sl.first, c), get, |p0, count, &[mean, a, gmean, k]| {
+    let mut walk = RunWalk::new(s, (lo, hi), run, (sl.first, c), get);
+    while let Some((p0, count, [mean, a, gmean, k])) = walk.next() {
         let params = (mean, a, gmean, k);
         if alias {
             pipelined!(count, |j| gate_value::<S, T, RELU>(s, (dy, x, y), p0 + j * l, params, pf), |i, v| {
@@ -2089,7 +2105,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
                 }
             }
         }
-    });
+    }
     // heads and tails shorter than a vector: grad_span runs them scalar
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream, pf), map_of);
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, pf), map_of);
