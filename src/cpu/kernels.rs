@@ -15,6 +15,12 @@
 //! per-channel shift (one of the channel's own values): the f32 running means then stay
 //! near zero and their rounding stays at the scale of the spread, not of the offset
 //! (x = 1e4 + N(0, 1) keeps 1e-7-level variance errors instead of 1e-5).
+//!
+//! Every kernel body is `#[inline(always)]` in optimized builds, so that it compiles inside
+//! `run_avx2`/`run_avx512` with their target features (CI checks that no intrinsic is left
+//! out of line). With debug assertions (unoptimized builds) they are ordinary functions:
+//! at `opt-level = 0` every inlined call keeps its own stack slots, and the backward's
+//! dispatch frame grew past the 2 MiB of a test or rayon thread.
 
 use super::scratch::Scratch;
 use super::simd::{Kernel, Simd};
@@ -72,12 +78,12 @@ pub(crate) struct NoFetch;
 pub(crate) struct FetchAhead(usize);
 
 impl Fetch for NoFetch {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn fetch<S: Simd, T>(self, _: S, _: &[T], _: usize) {}
 }
 
 impl Fetch for FetchAhead {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn fetch<S: Simd, T>(self, s: S, src: &[T], i: usize) {
         s.prefetch(src, i + self.0);
     }
@@ -118,7 +124,7 @@ pub(crate) struct RunMoments<S: Simd> {
 }
 
 impl<S: Simd> RunMoments<S> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub(crate) fn new(s: S, shift: f32) -> Self {
         let z = s.splat(0.0);
         RunMoments {
@@ -140,7 +146,7 @@ impl<S: Simd> RunMoments<S> {
     /// vector per accumulator), on local copies of the accumulators: the struct stays in
     /// memory (its tail buffer is indexed at run time), so updating its fields in the loop
     /// made every step wait on a store and a reload.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn steps(&mut self, s: S, vectors: usize, src: impl Groups<S>) {
         let (mut mean, mut m2, mut steps) = (self.mean, self.m2, self.steps);
         let shift = self.shift_v;
@@ -161,7 +167,7 @@ impl<S: Simd> RunMoments<S> {
 
     /// Add one run: `ACC` consecutive vectors per step (prefetching as `pf` says), then
     /// single vectors, then scalars.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub(crate) fn push_run<T: Element>(&mut self, s: S, x: &[T], pf: impl Fetch) {
         let l = S::LANES;
         let groups = x.len() / (ACC * l);
@@ -182,7 +188,7 @@ impl<S: Simd> RunMoments<S> {
     /// and the next run's first. The `ACC` streams stay in step (equal lengths), so the
     /// straddle is found once per group of runs. Short runs (7x7, 14x14 planes) then take
     /// no per-value tails but the last group's; runs left over (fewer than `ACC`) go alone.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub(crate) fn push_spliced_runs<T: Element>(&mut self, s: S, x: &[T], runs: Runs) {
         let l = S::LANES;
         let len = runs.len;
@@ -220,7 +226,7 @@ impl<S: Simd> RunMoments<S> {
     /// The last `left < LANES` values of `run` (at least a vector long) into the tail
     /// buffer with one vector store (value by value, with a conversion each, they were a
     /// sixth of a 7x7 channel's moments).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn push_last<T: Element>(&mut self, s: S, run: &[T], left: usize) {
         let l = S::LANES;
         debug_assert!(left < l && run.len() >= l && self.tail_len < l);
@@ -242,7 +248,7 @@ impl<S: Simd> RunMoments<S> {
 
     /// Single vectors into the spare accumulator; the last values into the tail buffer,
     /// which joins the spare accumulator whenever it holds a whole vector.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn push_tail<T: Element>(&mut self, s: S, rest: &[T]) {
         let l = S::LANES;
         let mut vecs = rest.chunks_exact(l);
@@ -261,7 +267,7 @@ impl<S: Simd> RunMoments<S> {
     }
 
     /// One Welford step of the spare accumulator with the (unshifted) vector `v`.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn step1(&mut self, s: S, v: S::V) {
         self.steps1 += 1;
         let inv = s.splat(RECIP[self.steps1 as usize]);
@@ -271,7 +277,7 @@ impl<S: Simd> RunMoments<S> {
         }
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn flush_groups(&mut self, s: S) {
         if self.steps == 0 {
             return;
@@ -280,7 +286,7 @@ impl<S: Simd> RunMoments<S> {
         (self.mean, self.m2, self.steps) = ([s.splat(0.0); ACC], [s.splat(0.0); ACC], 0);
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn flush_single(&mut self, s: S) {
         if self.steps1 == 0 {
             return;
@@ -291,7 +297,7 @@ impl<S: Simd> RunMoments<S> {
         self.steps1 = 0;
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     /// The moments of the values pushed (the shift added back).
     pub(crate) fn finish(mut self, s: S) -> Moments {
         self.flush_groups(s);
@@ -317,7 +323,7 @@ trait Groups<S: Simd> {
 struct Consecutive<'a, T, F>(&'a [T], F);
 
 impl<S: Simd, T: Element, F: Fetch> Groups<S> for Consecutive<'_, T, F> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn group(&self, s: S, i: usize) -> [S::V; ACC] {
         let l = S::LANES;
         for k in (0..ACC * l).step_by(LINE / std::mem::size_of::<T>()) {
@@ -339,7 +345,7 @@ struct SideBySide<'a, T> {
 }
 
 impl<S: Simd, T: Element> Groups<S> for SideBySide<'_, T> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn group(&self, s: S, i: usize) -> [S::V; ACC] {
         let mut v = [s.splat(0.0); ACC];
         for (v, r) in v.iter_mut().zip(&self.runs) {
@@ -353,7 +359,7 @@ impl<S: Simd, T: Element> Groups<S> for SideBySide<'_, T> {
 struct Ready<V>([V; ACC]);
 
 impl<S: Simd> Groups<S> for Ready<S::V> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn group(&self, _: S, _: usize) -> [S::V; ACC] {
         self.0
     }
@@ -363,7 +369,7 @@ impl<S: Simd> Groups<S> for Ready<S::V> {
 /// the vectors first (Chan's merge of equal counts: the mean of the means, and the spread of
 /// the means times the count added to the summed m2), then one f64 fold of the lanes
 /// instead of `ACC`: the folds were a fifth of a 7x7 channel's moments.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn fold_groups<S: Simd>(s: S, steps: u32, mean: &[S::V; ACC], m2: &[S::V; ACC], total: &mut Moments) {
     const { assert!(ACC == 4) };
     let avg = s.mul(sum_acc(s, mean), s.splat(0.25));
@@ -376,7 +382,7 @@ fn fold_groups<S: Simd>(s: S, steps: u32, mean: &[S::V; ACC], m2: &[S::V; ACC], 
 
 /// One Welford step of the lanes' (mean, m2) with the (shifted) value `v`, `inv` = 1 / the
 /// step count: `d = v - mean; mean += d * inv; m2 += d * (v - mean)`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn welford<S: Simd>(s: S, v: S::V, inv: S::V, (mean, m2): (S::V, S::V)) -> (S::V, S::V) {
     let d = s.sub(v, mean);
     let mean = s.fma(d, inv, mean);
@@ -384,13 +390,13 @@ fn welford<S: Simd>(s: S, v: S::V, inv: S::V, (mean, m2): (S::V, S::V)) -> (S::V
 }
 
 /// Fold `LANES` Welford lanes, each over `steps` values, into `total` (Chan, in f64).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn fold_lanes<S: Simd>(s: S, steps: u32, mean: S::V, m2: S::V, total: &mut Moments) {
     fold_lane_arrays::<S>(steps, &s.to_array(mean), &s.to_array(m2), total);
 }
 
 /// [`fold_lanes`] of lanes already stored as arrays.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn fold_lane_arrays<S: Simd>(steps: u32, means: &[f32; 16], m2s: &[f32; 16], total: &mut Moments) {
     let l = S::LANES;
     let n = steps as f64;
@@ -404,7 +410,7 @@ fn fold_lane_arrays<S: Simd>(steps: u32, means: &[f32; 16], m2s: &[f32; 16], tot
 /// `.sum()` is one serial chain of f64 adds (the compiler may not reorder them), 16 adds
 /// of 4 cycles each, and the folds of a channel run several such chains; for a 7x7
 /// channel they took longer than its vector work.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn sum_f64(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0f64; 8];
     let mut chunks = v.chunks_exact(8);
@@ -496,7 +502,7 @@ impl Totals {
     }
 
     /// Channel `j` as a [`Moments`].
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub(crate) fn get(&self, j: usize) -> Moments {
         Moments { count: self.count, mean: self.mean[j], m2: self.m2[j] }
     }
@@ -519,7 +525,7 @@ impl Totals {
     /// division) are computed once, and the loop over the channels is straight-line f64
     /// arithmetic on arrays that the compiler vectorizes (with the kernel's instruction set
     /// inside a kernel). The results are bit for bit those of [`Moments::merge`].
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn merge_with(&mut self, n: f64, part: impl Fn(usize) -> (f64, f64)) {
         if n == 0.0 {
             return;
@@ -560,7 +566,7 @@ impl RowMoments {
         }
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn flush(&mut self, set: usize) {
         let n = self.steps[set] as f64;
         let range = set * self.c..(set + 1) * self.c;
@@ -612,7 +618,7 @@ pub(crate) struct RowMomentsKernel<'a, T> {
 
 impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) {
         let acc = self.acc;
         let (c, x) = (acc.c, self.x);
@@ -647,7 +653,7 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
 
 /// Elements before the first one of `x` that starts a whole vector's worth of bytes
 /// (`< LANES`; 0 when `x` is aligned, or cannot be).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn lead_to_vector_boundary<S: Simd, T>(x: &[T]) -> usize {
     lead_to_boundary(x, S::LANES * std::mem::size_of::<T>())
 }
@@ -657,7 +663,7 @@ const LINE: usize = 64;
 
 /// Elements before the first one of `x` at a multiple of `width` bytes (`< width / size`;
 /// 0 when `x` is aligned, or cannot be).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn lead_to_boundary<T>(x: &[T], width: usize) -> usize {
     let size = std::mem::size_of::<T>();
     let misalign = x.as_ptr() as usize % width;
@@ -700,14 +706,14 @@ const MULTI_TILE_ROWS: usize = 4;
 const MULTI_TILE_SUM_PAIRS: usize = 4;
 
 /// Rows per sub-block for `c` channels of `T`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn block_rows<T>(c: usize) -> usize {
     (ROW_BLOCK_BYTES / (c * std::mem::size_of::<T>())).max(MIN_BLOCK_ROWS)
 }
 
 /// Vectors per register tile: the accumulators of 2 interleaved row sets plus the tile's
 /// per-channel constants must fit in the register file (4 on AVX-512, 2 on AVX2).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn tile_vectors<S: Simd>() -> usize {
     if S::REGS >= 32 {
         4
@@ -718,14 +724,14 @@ fn tile_vectors<S: Simd>() -> usize {
 
 /// Whether a row of `c` channels takes several register tiles of [`tile_vectors`] (the
 /// rows reductions' and input gradient's tiles; their walk over a sub-block is then strided).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn several_tiles<S: Simd>(c: usize) -> bool {
     c / S::LANES > tile_vectors::<S>()
 }
 
 /// Pairs of rows per sub-block: a power of two (so sub-blocks never straddle a flush)
 /// with the sub-block within [`ROW_BLOCK_BYTES`].
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn block_pairs<T>(c: usize) -> usize {
     let pairs = block_rows::<T>(c) / 2;
     (1usize << (usize::BITS - 1 - pairs.leading_zeros())).min(FLUSH_STEPS as usize)
@@ -733,7 +739,7 @@ fn block_pairs<T>(c: usize) -> usize {
 
 /// Pairs of rows per sub-block of the backward sums (a flush of them is due every
 /// [`SUM_FLUSH_STEPS`] pairs).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn sums_block_pairs<T>(c: usize) -> usize {
     block_pairs::<T>(c).min(SUM_FLUSH_STEPS as usize)
 }
@@ -741,7 +747,7 @@ fn sums_block_pairs<T>(c: usize) -> usize {
 /// Moments of whole pairs of rows with `c % LANES == 0`, register-blocked: channel tiles
 /// of a few vectors keep their Welford accumulators (two sets, even and odd rows) in
 /// registers across a sub-block of rows; only the tile boundaries touch memory.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T], pf: impl Fetch) {
     let c = acc.c;
     let l = S::LANES;
@@ -782,13 +788,13 @@ fn row_moments_tiled<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T], p
 /// f32, every other one for f16/bf16 (a 16-bit vector is half a line; `i` steps by whole
 /// vectors from a vector boundary of the tile). The tiled rows kernels prefetch the same
 /// place in the next sub-block of rows there, once per line.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn first_of_line<S: Simd, T>(i: usize) -> bool {
     (i * std::mem::size_of::<T>()) % 64 < S::LANES * std::mem::size_of::<T>()
 }
 
 /// Fold two accumulator sets (set-major, `steps` values per lane) into the f64 totals.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn flush_sets(acc: &mut RowMoments, mean: &mut [f32], m2: &mut [f32], steps: usize) {
     let c = acc.c;
     for (set_mean, set_m2) in mean.chunks_exact_mut(c).zip(m2.chunks_exact_mut(c)) {
@@ -799,7 +805,7 @@ fn flush_sets(acc: &mut RowMoments, mean: &mut [f32], m2: &mut [f32], steps: usi
 /// Chan-merge per-channel f32 moments of `n` values each (`mean[j]`, `m2[j]`) into the f64
 /// totals ([`Totals::merge_with`]: vectorized, bit for bit [`Moments::merge`]; the scalar
 /// fold over `Moments` structs was 7-9 % of a bf16 channels-last forward), and zero them.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn merge_lanes(total: &mut Totals, n: f64, mean: &mut [f32], m2: &mut [f32]) {
     if n == 0.0 {
         return;
@@ -812,7 +818,7 @@ fn merge_lanes(total: &mut Totals, n: f64, mean: &mut [f32], m2: &mut [f32]) {
 }
 
 /// One tile of `W` vectors at channel `col` over a sub-block of row pairs.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 #[allow(clippy::too_many_arguments)]
 fn moments_tile<S: Simd, T: Element, const W: usize>(
     s: S,
@@ -859,7 +865,7 @@ fn moments_tile<S: Simd, T: Element, const W: usize>(
 }
 
 /// Row by row, accumulators in memory (any C; the rows' tails run scalar).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn row_moments_rows<S: Simd, T: Element>(s: S, acc: &mut RowMoments, x: &[T]) {
     let c = acc.c;
     let sets = acc.steps.len();
@@ -909,13 +915,13 @@ impl Runs {
     }
 
     /// Run `i` of `buf`.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     pub(crate) fn get<'a, T>(&self, buf: &'a [T], i: usize) -> &'a [T] {
         &buf[self.first + i * self.stride..][..self.len]
     }
 
     /// Runs `ACC * gi ..` `ACC * (gi + 1)` of `buf`.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn group<'a, T>(&self, buf: &'a [T], gi: usize) -> [&'a [T]; ACC] {
         // written out: `std::array::from_fn` here made a single-thread 7x7 forward 9 % slower
         const _: () = assert!(ACC == 4, "Runs::group lists ACC runs by hand");
@@ -935,7 +941,7 @@ pub(crate) struct RunMomentsKernel<'a, T> {
 
 impl<T: Element> Kernel for RunMomentsKernel<'_, T> {
     type Output = Moments;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) -> Moments {
         let mut acc = RunMoments::new(s, self.shift);
         // runs of one to a few vectors: ACC spliced streams side by side; long runs: ACC
@@ -988,14 +994,14 @@ pub(crate) struct NormalizeSlabs<'a, 'b, T> {
 
 impl<T: Element> Kernel for NormalizeSlabs<'_, '_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) {
         with_fetch!(self.ahead, |pf| self.slabs(s, pf))
     }
 }
 
 impl<T: Element> NormalizeSlabs<'_, '_, T> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn slabs<S: Simd>(self, s: S, pf: impl Fetch) {
         let (run, maps, stream) = (self.run, self.maps, (self.stream, pf));
         for sl in self.slabs.iter_mut() {
@@ -1036,7 +1042,7 @@ struct RunWalk<S: Simd, G, const K: usize> {
 }
 
 impl<S: Simd, G: Fn(usize) -> [f32; K], const K: usize> RunWalk<S, G, K> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn new(s: S, (lo, hi): (usize, usize), run: usize, (first, c): (usize, usize), get: G) -> Self {
         let r = lo / run;
         let ch = (first + r) % c;
@@ -1044,7 +1050,7 @@ impl<S: Simd, G: Fn(usize) -> [f32; K], const K: usize> RunWalk<S, G, K> {
         RunWalk { s, get, hi, run, c, ch, run_end: (r + 1) * run, cur, p: lo }
     }
 
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn splat(s: S, get: &G, ch: usize) -> [S::V; K] {
         let mut v = [s.splat(0.0); K];
         for (v, p) in v.iter_mut().zip(get(ch)) {
@@ -1054,7 +1060,7 @@ impl<S: Simd, G: Fn(usize) -> [f32; K], const K: usize> RunWalk<S, G, K> {
     }
 
     /// The next stretch `(p, count, params)`, or `None` past `hi`.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn next(&mut self) -> Option<(usize, usize, [S::V; K])> {
         let (s, l, p) = (self.s, S::LANES, self.p);
         if p >= self.hi {
@@ -1188,7 +1194,7 @@ macro_rules! pipelined {
 
 /// One slab: a flat vector loop (aligned stores, parameters blended where a vector
 /// straddles two runs) when runs hold at least a vector, else run by run.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
     sl: &mut NormSlab<'_, T>,
@@ -1254,7 +1260,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     }
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
-        let mut v = (x[p].to_f32() - m.mean).mul_add(m.scale, m.shift);
+        let mut v = s.fma1(x[p].to_f32() - m.mean, m.scale, m.shift);
         if ADD {
             v += z[p].to_f32();
         }
@@ -1267,7 +1273,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
 
 /// The vector at `p`: `y = act((x - mean) * scale + shift + z)` (streamed: see
 /// [`Simd::put`]), prefetching further on as `pf` says.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
     x: &[T],
@@ -1283,7 +1289,7 @@ fn norm_vec<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
 
 /// The vector at `p` of `act((x - mean) * scale + shift + z)`, prefetching further on as
 /// `pf` says.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn norm_value<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
     x: &[T],
@@ -1306,7 +1312,7 @@ fn norm_value<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     v
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
     x: &[T],
@@ -1323,7 +1329,7 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         norm_vec::<S, T, ADD, RELU>(s, x, z, y, i, (mean, scale, shift), (stream, pf));
     }
     for i in (0..lo).chain(hi..n) {
-        let mut v = (x[i].to_f32() - m.mean).mul_add(m.scale, m.shift);
+        let mut v = s.fma1(x[i].to_f32() - m.mean, m.scale, m.shift);
         if ADD {
             v += z[i].to_f32();
         }
@@ -1336,7 +1342,7 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
 
 /// Channel of run `i` of a channels-first stream (`i % c`) without a division when `i < c`
 /// (every run of a fused group): a division per run was a visible share of a 7x7 pass.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn channel_of(i: usize, c: usize) -> usize {
     if i < c {
         i
@@ -1348,7 +1354,7 @@ fn channel_of(i: usize, c: usize) -> usize {
 /// The span `[lo, hi)` of `out[..n]` that the vector loop covers: from the first element
 /// whose address is a multiple of the vector's byte width (stores that split cache lines
 /// cost ~6% on a memory-bound pass) to the last whole vector. The rest runs scalar.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn vector_span<S: Simd, T>(out: &[T], n: usize) -> (usize, usize) {
     let lo = lead_to_vector_boundary::<S, T>(out).min(n);
     (lo, lo + (n - lo) / S::LANES * S::LANES)
@@ -1375,7 +1381,7 @@ pub(crate) struct NormalizeRows<'a, T> {
 
 impl<T: Element> Kernel for NormalizeRows<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) {
         let stream = self.stream;
         with_fetch!(self.ahead, |pf| match (self.z, self.relu) {
@@ -1390,7 +1396,7 @@ impl<T: Element> Kernel for NormalizeRows<'_, T> {
     }
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
     x: &[T],
@@ -1405,7 +1411,11 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     // Streamed, a cache line must be written whole before its write-combining buffer is
     // let go (a partial line costs a read-modify-write in memory: 5x slower measured),
     // and the tiles write a row's lines in tile order: only when a row is whole lines.
-    if !c.is_multiple_of(l) || (stream && !(c * std::mem::size_of::<T>()).is_multiple_of(LINE)) {
+    // An output 1-4 vectors past an input modulo 4 KiB: the flat stream, whose stores
+    // `norm_flat` pipelines (a tile's stores would each be followed by a load they alias).
+    let inputs: &[&[T]] = if ADD { &[x, z] } else { &[x] };
+    let alias = stores_alias::<S, T>(k.y, inputs);
+    if alias || !c.is_multiple_of(l) || (stream && !(c * std::mem::size_of::<T>()).is_multiple_of(LINE)) {
         return norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (0, n, stream, pf));
     }
     // Whole vectors per row: channel tiles whose parameters stay in registers over a
@@ -1458,7 +1468,7 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
 /// p % c: the vectors take their per-channel parameters from arrays extended periodically
 /// past c, so a vector may straddle two rows and any C (3, 17, 64) vectorizes; the vector
 /// loop is aligned ([`vector_span`]), the rest runs scalar.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     s: S,
     (x, z, y): (&[T], &[T], &mut [T]),
@@ -1470,25 +1480,29 @@ fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     let (a, b) = vector_span::<S, T>(&y[start..end], end - start);
     let (lo, hi) = (start + a, start + b);
     let mut j = lo % c;
-    for p in (lo..hi).step_by(l) {
-        pf.fetch(s, x, p);
-        if ADD {
-            pf.fetch(s, z, p);
+    let params = (mean, scale, shift);
+    let inputs: &[&[T]] = if ADD { &[x, z] } else { &[x] };
+    if stores_alias::<S, T>(y, inputs) {
+        // (`pipelined!` loads in index order, so the phase steps once per load)
+        pipelined!(
+            (hi - lo) / l,
+            |i| {
+                let at = (lo + i * l, j);
+                j = next_phase(j, l, c);
+                flat_value::<S, T, ADD, RELU>(s, x, z, at, params, pf)
+            },
+            |i, v| s.put(&mut y[lo + i * l..], v, stream)
+        );
+    } else {
+        for p in (lo..hi).step_by(l) {
+            let v = flat_value::<S, T, ADD, RELU>(s, x, z, (p, j), params, pf);
+            s.put(&mut y[p..], v, stream);
+            j = next_phase(j, l, c);
         }
-        let mut v =
-            s.fma(s.sub(s.load(&x[p..]), s.load_f32(&mean[j..])), s.load_f32(&scale[j..]), s.load_f32(&shift[j..]));
-        if ADD {
-            v = s.add(v, s.load(&z[p..]));
-        }
-        if RELU {
-            v = s.relu(v);
-        }
-        s.put(&mut y[p..], v, stream);
-        j = next_phase(j, l, c);
     }
     for p in (start..lo).chain(hi..end) {
         let j = p % c;
-        let mut v = (x[p].to_f32() - mean[j]).mul_add(scale[j], shift[j]);
+        let mut v = s.fma1(x[p].to_f32() - mean[j], scale[j], shift[j]);
         if ADD {
             v += z[p].to_f32();
         }
@@ -1499,6 +1513,31 @@ fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     }
 }
 
+/// The vector at `p` of a flat row-major stream, its channels from phase `j` of the
+/// periodic parameter arrays: `act((x - mean) * scale + shift + z)`.
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn flat_value<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    x: &[T],
+    z: &[T],
+    (p, j): (usize, usize),
+    (mean, scale, shift): (&[f32], &[f32], &[f32]),
+    pf: impl Fetch,
+) -> S::V {
+    pf.fetch(s, x, p);
+    if ADD {
+        pf.fetch(s, z, p);
+    }
+    let mut v = s.fma(s.sub(s.load(&x[p..]), s.load_f32(&mean[j..])), s.load_f32(&scale[j..]), s.load_f32(&shift[j..]));
+    if ADD {
+        v = s.add(v, s.load(&z[p..]));
+    }
+    if RELU {
+        v = s.relu(v);
+    }
+    v
+}
+
 /// One tile of `W` vectors at channel `col` over a sub-block of rows of `c` channels (`y`,
 /// `x`, `z` cut to the sub-block; the per-channel mean, scale and shift; `stream`: see
 /// [`Simd::put`]), stored with [`Simd::put_fast`], which notes in `seen` whether the
@@ -1506,7 +1545,7 @@ fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
 /// stay in registers; the exact redo runs outside it so that they need not be kept for it
 /// (a redo inside the tile, or a test and branch per vector, spilled them: the bf16 tiles
 /// then took 1.3-1.5x the time of f16 ones on Zen 4).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn norm_tile<S: Simd, T: Element, const ADD: bool, const RELU: bool, const W: usize>(
     s: S,
     x: &[T],
@@ -1558,7 +1597,7 @@ pub(crate) fn periodic<M>(maps: &[M], f: impl Fn(&M) -> f32) -> Scratch<f32> {
 }
 
 /// The channel phase `lanes` elements further along a row-major `[rows][c]` stream.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn next_phase(j: usize, lanes: usize, c: usize) -> usize {
     let j = j + lanes;
     if j < c {
@@ -1596,7 +1635,7 @@ pub(crate) struct GradRun<'a, T> {
 }
 
 /// Prefetch the backward inputs ahead of `i` as `pf` says.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn prefetch_grad<S: Simd, T>(s: S, inp: &GradRun<'_, T>, i: usize, pf: impl Fetch) {
     pf.fetch(s, inp.dy, i);
     pf.fetch(s, inp.x, i);
@@ -1611,7 +1650,7 @@ fn prefetch_grad<S: Simd, T>(s: S, inp: &GradRun<'_, T>, i: usize, pf: impl Fetc
 /// f16/bf16 inputs every `x - m_hi` is then exact in f32, whereas `x - mean` rounds by the
 /// same amount for every x of a binade (x lies on a coarser grid than mean): a bias that
 /// `sum g` multiplies, far above the contract when g has a large mean.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn split_mean<T: Element>(mean: f32) -> (f32, f64) {
     let hi = T::from_f32_rounded(mean).to_f32();
     if hi.is_finite() {
@@ -1634,7 +1673,7 @@ pub(crate) struct GradSumRuns<'a, T> {
 
 impl<T: Element> Kernel for GradSumRuns<'_, T> {
     type Output = GradSums;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) -> GradSums {
         with_fetch!(self.ahead, |pf| if self.inp.y.is_some() {
             grad_sums_runs::<S, T, true>(s, &self.inp, self.runs, (self.mean, pf))
@@ -1648,7 +1687,7 @@ impl<T: Element> Kernel for GradSumRuns<'_, T> {
 /// compile time. The accumulators are locals indexed by constants only, so they stay in
 /// registers (an accumulator struct indexed in a loop with a branch stayed in memory, and
 /// each add waited on a store and a reload).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
     s: S,
     inp: &GradRun<'_, T>,
@@ -1732,7 +1771,7 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
 }
 
 /// The gated gradient `g` and the centred input `x - mean` of the vector at `o`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_term<S: Simd, T: Element, const RELU: bool>(
     s: S,
     dy: &[T],
@@ -1750,7 +1789,7 @@ fn grad_term<S: Simd, T: Element, const RELU: bool>(
 /// `ACC` accumulators summed in the vectors first (two more f32 roundings on sums of at most
 /// `SUM_FLUSH_STEPS` vectors each), then one f64 sum of the lanes for each total: eight
 /// of them were longer than a 7x7 channel's vector work.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn fold_sum_lanes<S: Simd>(s: S, g: &mut [S::V; ACC], gx: &mut [S::V; ACC], out: &mut GradSums) {
     const { assert!(ACC == 4) };
     let l = S::LANES;
@@ -1761,7 +1800,7 @@ fn fold_sum_lanes<S: Simd>(s: S, g: &mut [S::V; ACC], gx: &mut [S::V; ACC], out:
 }
 
 /// The sum of `ACC` accumulators, pairwise.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn sum_acc<S: Simd>(s: S, v: &[S::V; ACC]) -> S::V {
     s.add(s.add(v[0], v[1]), s.add(v[2], v[3]))
 }
@@ -1781,7 +1820,7 @@ pub(crate) struct GradSumRows<'a, T> {
 
 impl<T: Element> Kernel for GradSumRows<'_, T> {
     type Output = SumTotals;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) -> SumTotals {
         let c = self.mean.len();
         let mut m_hi = Scratch::with_capacity(c);
@@ -1811,7 +1850,7 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
 /// Backward sums of whole pairs of rows with `c % LANES == 0`, register-blocked like
 /// [`row_moments_tiled`]: per channel tile, two row sets of `sum g` and `sum g * xc`
 /// stay in registers across a sub-block of rows.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_sums_tiled<S: Simd, T: Element>(
     s: S,
     inp: &GradRun<'_, T>,
@@ -1885,7 +1924,7 @@ impl SumTotals {
 }
 
 /// Add set-major f32 partial sums into the f64 totals and reset them.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn fold_sums(sg: &mut [f32], sgx: &mut [f32], out: &mut SumTotals) {
     let c = out.g.len();
     for (a, b) in sg.chunks_exact_mut(c).zip(sgx.chunks_exact_mut(c)) {
@@ -1899,7 +1938,7 @@ fn fold_sums(sg: &mut [f32], sgx: &mut [f32], out: &mut SumTotals) {
 }
 
 /// One tile of `W` vectors at channel `col` over a sub-block of row pairs.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 #[allow(clippy::too_many_arguments)]
 fn sums_tile<S: Simd, T: Element, const W: usize>(
     s: S,
@@ -1947,7 +1986,7 @@ fn sums_tile<S: Simd, T: Element, const W: usize>(
 }
 
 /// Backward sums row by row, accumulators in memory (any C; the rows' tails run scalar).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_sums_rows<S: Simd, T: Element>(s: S, inp: &GradRun<'_, T>, mean: &[f32], out: &mut SumTotals) {
     let c = mean.len();
     let l = S::LANES;
@@ -2026,14 +2065,14 @@ pub(crate) struct GradSlabs<'a, 'b, T> {
 
 impl<T: Element> Kernel for GradSlabs<'_, '_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) {
         with_fetch!(self.ahead, |pf| self.slabs(s, pf))
     }
 }
 
 impl<T: Element> GradSlabs<'_, '_, T> {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn slabs<S: Simd>(self, s: S, pf: impl Fetch) {
         let (run, maps, stream) = (self.run, self.maps, (self.stream, pf));
         for sl in self.slabs.iter_mut() {
@@ -2052,7 +2091,7 @@ impl<T: Element> GradSlabs<'_, '_, T> {
 
 /// One slab of [`GradSlabs`] with the ReLU gate (`RELU`, `y` given) and the residual
 /// gradient (`DZ`, `dz` given) fixed at compile time, so the vector loop tests neither.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
     s: S,
     sl: &mut GradSlab<'_, T>,
@@ -2114,7 +2153,7 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
 /// The vectors at `p` of `dx = a * (k * (x - mean) + g - gmean)` and of `g` (= `dz`):
 /// `g` is `dy`, zeroed where `y <= 0` when `RELU` (else `y` is not read), prefetching
 /// further on as `pf` says.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn gate_value<S: Simd, T: Element, const RELU: bool>(
     s: S,
     (dy, x, y): (&[T], &[T], &[T]),
@@ -2134,7 +2173,7 @@ fn gate_value<S: Simd, T: Element, const RELU: bool>(
 
 /// The vector at `p`: `dx = a * (k * (x - mean) + g - gmean)` with `g` = `dy`, zeroed
 /// where `y <= 0` when `y` is given, and `dz = g` when asked (streamed: see [`Simd::put`]).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_vec<S: Simd, T: Element>(
     s: S,
     inp: &GradRun<'_, T>,
@@ -2151,7 +2190,7 @@ fn grad_vec<S: Simd, T: Element>(
 }
 
 /// The vectors at `p` of `dx` and of `g` (= `dz`), as [`grad_vec`] stores them.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_values<S: Simd, T: Element>(
     s: S,
     inp: &GradRun<'_, T>,
@@ -2167,7 +2206,7 @@ fn grad_values<S: Simd, T: Element>(
 /// `dx`, `dz` over `[start, end)` of one span where channel maps come from `map_of(i)`; the
 /// vector part (aligned, see [`vector_span`]) takes the map of its first element (callers
 /// give spans where that is right: one run, or a row tail shorter than a vector).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_span<S: Simd, T: Element>(
     s: S,
     inp: &GradRun<'_, T>,
@@ -2194,7 +2233,7 @@ fn grad_span<S: Simd, T: Element>(
             Some(y) if y[i].to_f32() <= 0.0 => 0.0,
             _ => dy,
         };
-        dx[i] = T::from_f32_rounded(m.a * m.k.mul_add(inp.x[i].to_f32() - m.mean, g - m.gmean));
+        dx[i] = T::from_f32_rounded(m.a * s.fma1(m.k, inp.x[i].to_f32() - m.mean, g - m.gmean));
         if let Some(dz) = dz.as_deref_mut() {
             dz[i] = T::from_f32_rounded(g);
         }
@@ -2222,7 +2261,7 @@ pub(crate) struct GradRows<'a, T> {
 
 impl<T: Element> Kernel for GradRows<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
     fn run<S: Simd>(self, s: S) {
         // the store kind fixed at compile time: as a third run-time choice in the loop
         // (with `y` and `dz`) it cost 7-10 % of a single-thread bf16 cl backward
@@ -2244,7 +2283,7 @@ impl<T: Element> Kernel for GradRows<'_, T> {
 /// over a sub-block of rows, as [`norm_rows`] does (streamed, from the first element on a
 /// cache line, the values before and after running flat); otherwise one flat stream
 /// reads the maps' periodic arrays at every vector.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>, pf: impl Fetch) {
     let (c, l, n) = (kr.c, S::LANES, kr.inp.x.len());
     let maps = (kr.mean, kr.a, kr.gmean, kr.k);
@@ -2252,7 +2291,9 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>,
     let (nv, tv, several) = (c / l, tile_vectors::<S>(), several_tiles::<S>(c));
     // streamed, several tiles per row were slower than the flat stream (f32 32x256x56x56
     // 1.14x the time, bf16 1.13x), as the normalize's short sub-blocks were (1.03-1.05x)
-    if !c.is_multiple_of(l) || (STREAM && (several || !(c * std::mem::size_of::<T>()).is_multiple_of(LINE))) {
+    // outputs 1-4 vectors past an input modulo 4 KiB: the flat stream, pipelined (see norm_rows)
+    let alias = grad_stores_alias::<S, T>(&inp, dx, dz.as_deref());
+    if alias || !c.is_multiple_of(l) || (STREAM && (several || !(c * std::mem::size_of::<T>()).is_multiple_of(LINE))) {
         return grad_flat::<S, T, STREAM>(s, &inp, (dx, dz), c, maps, (0, n, pf));
     }
     let o = if STREAM { lead_to_boundary(dx, LINE) } else { 0 };
@@ -2291,7 +2332,7 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>,
 /// rows of `c` channels), the maps read at `col` (of arrays starting at the channel of `lo`),
 /// stored with [`Simd::put_fast`] noting in `seen` whether the caller must store the rows
 /// again (see [`norm_tile`]).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_tile<S: Simd, T: Element, const STREAM: bool, const W: usize>(
     s: S,
     inp: &GradRun<'_, T>,
@@ -2319,10 +2360,24 @@ fn grad_tile<S: Simd, T: Element, const STREAM: bool, const W: usize>(
     }
 }
 
+/// Whether `dx` or `dz` starts 1-4 vectors past one of the backward's inputs modulo
+/// 4 KiB (see [`stores_alias`]).
+fn grad_stores_alias<S: Simd, T>(inp: &GradRun<'_, T>, dx: &[T], dz: Option<&[T]>) -> bool {
+    let (y, dy) = (inp.y.unwrap_or(inp.dy), inp.dy);
+    let inputs: &[&[T]] = &[dy, inp.x, y];
+    stores_alias::<S, T>(dx, inputs) || dz.is_some_and(|dz| stores_alias::<S, T>(dz, inputs))
+}
+
+/// The four backward maps' vectors at phase `j` of their periodic arrays.
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn maps_at<S: Simd>(s: S, (mean, a, gmean, k): (&[f32], &[f32], &[f32], &[f32]), j: usize) -> (S::V, S::V, S::V, S::V) {
+    (s.load_f32(&mean[j..]), s.load_f32(&a[j..]), s.load_f32(&gmean[j..]), s.load_f32(&k[j..]))
+}
+
 /// `[start, end)` as one flat stream whose element p belongs to channel p % c, the maps
 /// read from their periodic arrays at every vector (any C); the ends that are not whole
 /// aligned vectors run scalar.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_flat<S: Simd, T: Element, const STREAM: bool>(
     s: S,
     inp: &GradRun<'_, T>,
@@ -2335,11 +2390,32 @@ fn grad_flat<S: Simd, T: Element, const STREAM: bool>(
     let (va, vb) = vector_span::<S, T>(&dx[start..end], end - start);
     let (lo, hi) = (start + va, start + vb);
     let mut j = lo % c;
-    for p in (lo..hi).step_by(l) {
-        prefetch_grad(s, inp, p, pf);
-        let m = (s.load_f32(&mean[j..]), s.load_f32(&a[j..]), s.load_f32(&gmean[j..]), s.load_f32(&k[j..]));
-        grad_vec(s, inp, (&mut *dx, dz.as_deref_mut()), p, m, STREAM);
-        j = next_phase(j, l, c);
+    let maps = (mean, a, gmean, k);
+    if grad_stores_alias::<S, T>(inp, dx, dz.as_deref()) {
+        // (`pipelined!` loads in index order, so the phase steps once per load)
+        pipelined!(
+            (hi - lo) / l,
+            |i| {
+                let p = lo + i * l;
+                prefetch_grad(s, inp, p, pf);
+                let m = maps_at(s, maps, j);
+                j = next_phase(j, l, c);
+                grad_values(s, inp, p, m)
+            },
+            |i, v| {
+                let p = lo + i * l;
+                s.put(&mut dx[p..], v.0, STREAM);
+                if let Some(dz) = dz.as_deref_mut() {
+                    s.put(&mut dz[p..], v.1, STREAM);
+                }
+            }
+        );
+    } else {
+        for p in (lo..hi).step_by(l) {
+            prefetch_grad(s, inp, p, pf);
+            grad_vec(s, inp, (&mut *dx, dz.as_deref_mut()), p, maps_at(s, maps, j), STREAM);
+            j = next_phase(j, l, c);
+        }
     }
     let map = |p: usize| {
         let j = p % c;
@@ -2673,6 +2749,10 @@ mod tests {
                     for (add, relu, stream) in
                         [(false, false, false), (true, true, false), (false, true, true), (true, false, true)]
                     {
+                        // (the first placement's outputs: every placement must give them,
+                        // whether it ran tiled, flat or pipelined, and wherever its
+                        // vector loop's scalar ends fell)
+                        let mut reference: Option<(Vec<f64>, Vec<f64>)> = None;
                         for bytes in [0, 16, 32, 48, 64, 128, ALIAS_SPAN - 16] {
                             let at = format!("{level} run {run} add {add} relu {relu} stream {stream} +{bytes}");
                             let mut ybuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
@@ -2713,6 +2793,11 @@ mod tests {
                                     assert_eq!(f(dz[p]), gate, "{at} dz[{p}]");
                                 }
                             }
+                            let got = (y.iter().map(|&v| f(v)).collect(), dx.iter().map(|&v| f(v)).collect());
+                            match &reference {
+                                None => reference = Some(got),
+                                Some(want) => assert!(got == *want, "{at}: not the outputs of placement +0"),
+                            }
                         }
                     }
                 }
@@ -2720,6 +2805,111 @@ mod tests {
         }
         check::<f32>(1e-6);
         check::<half::bf16>(1e-2);
+    }
+
+    /// Channels-last normalize and input gradient (tiles when C is whole vectors, else the
+    /// flat stream; both pipelined when an output sits 1-4 vectors past an input modulo
+    /// 4 KiB) at output placements 0 to 128 and -16 bytes, on every level, f32 and bf16,
+    /// with and without the residual, ReLU and streamed stores, against f64, and the same
+    /// values at every placement.
+    #[test]
+    fn rows_with_outputs_just_past_the_inputs_match_f64() {
+        fn check<T: Element + std::fmt::Debug>(tol: f64) {
+            for (rows, c) in [(37usize, 64usize), (21, 48), (30, 17), (9, 512)] {
+                let n = rows * c;
+                let xbuf: Vec<T> = (0..n + 2 * ALIAS_SPAN).map(|i| T::from_f32_rounded(signed(i, 1))).collect();
+                let x = &xbuf[ALIAS_SPAN..][..n];
+                let z: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 2))).collect();
+                let dy: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 3))).collect();
+                let maps: Vec<ChannelAffine> = (0..c)
+                    .map(|j| ChannelAffine {
+                        mean: 0.01 * j as f32,
+                        scale: 1.0 + 0.03 * j as f32,
+                        shift: 0.2 - 0.01 * j as f32,
+                    })
+                    .collect();
+                let gmaps: Vec<GradMap> = (0..c)
+                    .map(|j| GradMap { mean: 0.005 * j as f32, a: 0.7 + 0.01 * j as f32, gmean: 0.02, k: -0.3 })
+                    .collect();
+                let (mean, scale, shift) =
+                    (periodic(&maps, |m| m.mean), periodic(&maps, |m| m.scale), periodic(&maps, |m| m.shift));
+                let (gm, ga, gg, gk) = (
+                    periodic(&gmaps, |m| m.mean),
+                    periodic(&gmaps, |m| m.a),
+                    periodic(&gmaps, |m| m.gmean),
+                    periodic(&gmaps, |m| m.k),
+                );
+                let f = |v: T| v.to_f64();
+                for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+                    if !level.is_supported() {
+                        continue;
+                    }
+                    for (add, relu, stream) in
+                        [(false, false, false), (true, true, false), (false, true, true), (true, false, true)]
+                    {
+                        // (the first placement's outputs: every placement must give them,
+                        // whether it ran tiled, flat or pipelined, and wherever its
+                        // vector loop's scalar ends fell)
+                        let mut reference: Option<(Vec<f64>, Vec<f64>)> = None;
+                        for bytes in [0, 16, 32, 48, 64, 128, ALIAS_SPAN - 16] {
+                            let at = format!("{level} c {c} add {add} relu {relu} stream {stream} +{bytes}");
+                            let mut ybuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                            let y = placed(&mut ybuf, x, bytes, n);
+                            let z = add.then_some(&z[..]);
+                            let (mean, scale, shift) = (&mean[..], &scale[..], &shift[..]);
+                            let (ahead, beyond_l2) = (0, false);
+                            let k = NormalizeRows { x, z, y, c, mean, scale, shift, relu, stream, ahead, beyond_l2 };
+                            dispatch(level, k);
+                            let y = ybuf_values(&ybuf, x, bytes, n);
+                            let mut dxbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                            let mut dzbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                            let dx = placed(&mut dxbuf, x, bytes, n);
+                            let dz = add.then(|| placed(&mut dzbuf, x, bytes, n));
+                            let inp = GradRun { dy: &dy, x, y: relu.then_some(&y[..]) };
+                            let (mean, a, gmean, k) = (&gm[..], &ga[..], &gg[..], &gk[..]);
+                            let kr = GradRows { inp, dx, dz, c, mean, a, gmean, k, stream, ahead, beyond_l2 };
+                            dispatch(level, kr);
+                            let dx = ybuf_values(&dxbuf, x, bytes, n);
+                            let dz = ybuf_values(&dzbuf, x, bytes, n);
+                            for p in 0..n {
+                                let (m, g) = (maps[p % c], gmaps[p % c]);
+                                let mut want = (f(x[p]) - m.mean as f64) * m.scale as f64 + m.shift as f64;
+                                if add {
+                                    want += f(z.unwrap()[p]);
+                                }
+                                if relu {
+                                    want = want.max(0.0);
+                                }
+                                let err = (f(y[p]) - want).abs();
+                                assert!(err <= tol * (1.0 + want.abs()), "{at} y[{p}] {:?} {want}", y[p]);
+                                let gate = if relu && f(y[p]) <= 0.0 { 0.0 } else { f(dy[p]) };
+                                let want_dx =
+                                    g.a as f64 * (g.k as f64 * (f(x[p]) - g.mean as f64) + gate - g.gmean as f64);
+                                let err = (f(dx[p]) - want_dx).abs();
+                                assert!(err <= tol * (1.0 + want_dx.abs()), "{at} dx[{p}] {:?} {want_dx}", dx[p]);
+                                if add {
+                                    assert_eq!(f(dz[p]), gate, "{at} dz[{p}]");
+                                }
+                            }
+                            let got = (y.iter().map(|&v| f(v)).collect(), dx.iter().map(|&v| f(v)).collect());
+                            match &reference {
+                                None => reference = Some(got),
+                                Some(want) => assert!(got == *want, "{at}: not the outputs of placement +0"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>(1e-6);
+        check::<half::bf16>(1e-2);
+    }
+
+    /// The `len` values [`placed`] put `bytes` past `from` in `buf`.
+    fn ybuf_values<T: Copy>(buf: &[T], from: &[T], bytes: usize, len: usize) -> Vec<T> {
+        let size = std::mem::size_of::<T>();
+        let lead = (from.as_ptr() as usize + bytes).wrapping_sub(buf.as_ptr() as usize) % ALIAS_SPAN;
+        buf[lead / size..][..len].to_vec()
     }
 
     /// bf16 channels-last normalize whose outputs are f32 denormals in some sub-blocks

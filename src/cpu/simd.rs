@@ -101,6 +101,13 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused.
     fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a * b + c` on one value, rounded as [`Simd::fma`] rounds each lane: the scalar
+    /// ends of a vector loop must give the bits its vectors would (a flat pass and a
+    /// tiled one, each chosen by where the buffers lie, must agree).
+    #[inline(always)]
+    fn fma1(self, a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
     /// `max(v, 0)`; NaN stays NaN.
     fn relu(self, v: Self::V) -> Self::V;
     /// `v` where `mask_src > 0`, else 0 (the ReLU backward gate).
@@ -298,6 +305,10 @@ impl Simd for Scalar {
         // mul_add without hardware FMA is a libm call; a*b+c rounds twice but stays within
         // the f32 contract (the scalar level is the fallback, not the fast path).
         std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    fn fma1(self, a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
     }
     #[inline(always)]
     fn relu(self, v: Self::V) -> Self::V {
