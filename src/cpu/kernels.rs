@@ -1097,6 +1097,17 @@ impl<S: Simd, G: Fn(usize) -> [f32; K], const K: usize> RunWalk<S, G, K> {
 /// Vectors per block of [`pipelined!`].
 const PIPE_BLOCK: usize = 4;
 
+/// The channels-last normalize and input gradient leave their register tiles for the
+/// pipelined flat stream when an output is 4K-aliased just past an input
+/// ([`stores_alias`]) only on levels with fewer vector registers than this (AVX2, the
+/// portable level). Measured with outputs placed 16 and 64 bytes past `x` modulo 4 KiB
+/// (min over rounds, ms, tiles -> flat): on Zen 2 with AVX2 the flat stream won (bf16 cl
+/// inference 32x512x28x28 8.26 -> 3.59, backward 15.45 -> 10.55); on Zen 4 with AVX-512
+/// (6 rounds) the tiles lost little to the aliasing (backward 4.79 at +0, 5.15 at +16) and
+/// the flat stream, which reads four periodic map arrays per vector, lost more (backward
+/// 5.15 -> 7.20 at +16, 4.95 -> 6.74 at +64; inference 0.89 -> 1.40 at +64).
+const CL_ALIAS_ROUTE_REGS: usize = 32;
+
 /// The bytes modulo which a load is matched against older stores for store-to-load
 /// forwarding before the full address is known (4 KiB on x86: bits 11..0).
 const ALIAS_SPAN: usize = 4096;
@@ -1411,10 +1422,11 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     // Streamed, a cache line must be written whole before its write-combining buffer is
     // let go (a partial line costs a read-modify-write in memory: 5x slower measured),
     // and the tiles write a row's lines in tile order: only when a row is whole lines.
-    // An output 1-4 vectors past an input modulo 4 KiB: the flat stream, whose stores
-    // `norm_flat` pipelines (a tile's stores would each be followed by a load they alias).
+    // An output 1-4 vectors past an input modulo 4 KiB, on the 16-register levels: the flat
+    // stream, whose stores `norm_flat` pipelines (a tile's stores would each be followed by
+    // a load they alias). See [`CL_ALIAS_ROUTE_REGS`] for why not with 32 registers.
     let inputs: &[&[T]] = if ADD { &[x, z] } else { &[x] };
-    let alias = stores_alias::<S, T>(k.y, inputs);
+    let alias = S::REGS < CL_ALIAS_ROUTE_REGS && stores_alias::<S, T>(k.y, inputs);
     if alias || !c.is_multiple_of(l) || (stream && !(c * std::mem::size_of::<T>()).is_multiple_of(LINE)) {
         return norm_flat::<S, T, ADD, RELU>(s, (x, z, k.y), c, params, (0, n, stream, pf));
     }
@@ -2291,8 +2303,9 @@ fn grad_rows<S: Simd, T: Element, const STREAM: bool>(s: S, kr: GradRows<'_, T>,
     let (nv, tv, several) = (c / l, tile_vectors::<S>(), several_tiles::<S>(c));
     // streamed, several tiles per row were slower than the flat stream (f32 32x256x56x56
     // 1.14x the time, bf16 1.13x), as the normalize's short sub-blocks were (1.03-1.05x)
-    // outputs 1-4 vectors past an input modulo 4 KiB: the flat stream, pipelined (see norm_rows)
-    let alias = grad_stores_alias::<S, T>(&inp, dx, dz.as_deref());
+    // outputs 1-4 vectors past an input modulo 4 KiB, on the 16-register levels: the flat
+    // stream, pipelined (see norm_rows and [`CL_ALIAS_ROUTE_REGS`])
+    let alias = S::REGS < CL_ALIAS_ROUTE_REGS && grad_stores_alias::<S, T>(&inp, dx, dz.as_deref());
     if alias || !c.is_multiple_of(l) || (STREAM && (several || !(c * std::mem::size_of::<T>()).is_multiple_of(LINE))) {
         return grad_flat::<S, T, STREAM>(s, &inp, (dx, dz), c, maps, (0, n, pf));
     }
