@@ -2754,7 +2754,6 @@ mod tests {
                     .collect();
                 let first = 1;
                 let ch = |p: usize| (first + p / run) % c;
-                let f = |v: T| v.to_f64();
                 for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
                     if !level.is_supported() {
                         continue;
@@ -2783,34 +2782,15 @@ mod tests {
                             dispatch(level, GradSlabs { slabs: &mut gs, run, maps: &gmaps, stream, ahead: 0 });
                             let dx = gs[0].dx.to_vec();
                             let dz = gs[0].dz.as_deref().map_or(Vec::new(), |d| d.to_vec());
-                            for p in 0..n {
-                                let (m, g) = (maps[ch(p)], gmaps[ch(p)]);
-                                let mut want = (f(x[p]) - m.mean as f64) * m.scale as f64 + m.shift as f64;
-                                if add {
-                                    want += f(z[p]);
-                                }
-                                if relu {
-                                    want = want.max(0.0);
-                                }
-                                assert!(
-                                    (f(y[p]) - want).abs() <= tol * (1.0 + want.abs()),
-                                    "{at} y[{p}] {:?} {want}",
-                                    y[p]
-                                );
-                                let gate = if relu && f(y[p]) <= 0.0 { 0.0 } else { f(dy[p]) };
-                                let want_dx =
-                                    g.a as f64 * (g.k as f64 * (f(x[p]) - g.mean as f64) + gate - g.gmean as f64);
-                                let err = (f(dx[p]) - want_dx).abs();
-                                assert!(err <= tol * (1.0 + want_dx.abs()), "{at} dx[{p}] {:?} {want_dx}", dx[p]);
-                                if add {
-                                    assert_eq!(f(dz[p]), gate, "{at} dz[{p}]");
-                                }
-                            }
-                            let got = (y.iter().map(|&v| f(v)).collect(), dx.iter().map(|&v| f(v)).collect());
-                            match &reference {
-                                None => reference = Some(got),
-                                Some(want) => assert!(got == *want, "{at}: not the outputs of placement +0"),
-                            }
+                            let outputs = (&y[..], &dx[..], &dz[..]);
+                            check_placed(
+                                &at,
+                                (x, add.then_some(&z[..]), &dy),
+                                outputs,
+                                |p| (maps[ch(p)], gmaps[ch(p)]),
+                                (relu, tol),
+                                &mut reference,
+                            );
                         }
                     }
                 }
@@ -2852,7 +2832,6 @@ mod tests {
                     periodic(&gmaps, |m| m.gmean),
                     periodic(&gmaps, |m| m.k),
                 );
-                let f = |v: T| v.to_f64();
                 for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
                     if !level.is_supported() {
                         continue;
@@ -2884,31 +2863,15 @@ mod tests {
                             dispatch(level, kr);
                             let dx = ybuf_values(&dxbuf, x, bytes, n);
                             let dz = ybuf_values(&dzbuf, x, bytes, n);
-                            for p in 0..n {
-                                let (m, g) = (maps[p % c], gmaps[p % c]);
-                                let mut want = (f(x[p]) - m.mean as f64) * m.scale as f64 + m.shift as f64;
-                                if add {
-                                    want += f(z.unwrap()[p]);
-                                }
-                                if relu {
-                                    want = want.max(0.0);
-                                }
-                                let err = (f(y[p]) - want).abs();
-                                assert!(err <= tol * (1.0 + want.abs()), "{at} y[{p}] {:?} {want}", y[p]);
-                                let gate = if relu && f(y[p]) <= 0.0 { 0.0 } else { f(dy[p]) };
-                                let want_dx =
-                                    g.a as f64 * (g.k as f64 * (f(x[p]) - g.mean as f64) + gate - g.gmean as f64);
-                                let err = (f(dx[p]) - want_dx).abs();
-                                assert!(err <= tol * (1.0 + want_dx.abs()), "{at} dx[{p}] {:?} {want_dx}", dx[p]);
-                                if add {
-                                    assert_eq!(f(dz[p]), gate, "{at} dz[{p}]");
-                                }
-                            }
-                            let got = (y.iter().map(|&v| f(v)).collect(), dx.iter().map(|&v| f(v)).collect());
-                            match &reference {
-                                None => reference = Some(got),
-                                Some(want) => assert!(got == *want, "{at}: not the outputs of placement +0"),
-                            }
+                            let outputs = (&y[..], &dx[..], &dz[..]);
+                            check_placed(
+                                &at,
+                                (x, z, &dy),
+                                outputs,
+                                |p| (maps[p % c], gmaps[p % c]),
+                                (relu, tol),
+                                &mut reference,
+                            );
                         }
                     }
                 }
@@ -2916,6 +2879,44 @@ mod tests {
         }
         check::<f32>(1e-6);
         check::<half::bf16>(1e-2);
+    }
+
+    /// One placement's normalize and input-gradient outputs (`y`, `dx`, and `dz` when `z`
+    /// is given) against the f64 formulas with the per-element maps `maps(p)`, and equal to
+    /// the first placement's (kept in `reference`).
+    fn check_placed<T: Element + std::fmt::Debug>(
+        at: &str,
+        (x, z, dy): (&[T], Option<&[T]>, &[T]),
+        (y, dx, dz): (&[T], &[T], &[T]),
+        maps: impl Fn(usize) -> (ChannelAffine, GradMap),
+        (relu, tol): (bool, f64),
+        reference: &mut Option<(Vec<f64>, Vec<f64>)>,
+    ) {
+        let f = |v: T| v.to_f64();
+        for p in 0..x.len() {
+            let (m, g) = maps(p);
+            let mut want = (f(x[p]) - m.mean as f64) * m.scale as f64 + m.shift as f64;
+            if let Some(z) = z {
+                want += f(z[p]);
+            }
+            if relu {
+                want = want.max(0.0);
+            }
+            let err = (f(y[p]) - want).abs();
+            assert!(err <= tol * (1.0 + want.abs()), "{at} y[{p}] {:?} {want}", y[p]);
+            let gate = if relu && f(y[p]) <= 0.0 { 0.0 } else { f(dy[p]) };
+            let want_dx = g.a as f64 * (g.k as f64 * (f(x[p]) - g.mean as f64) + gate - g.gmean as f64);
+            let err = (f(dx[p]) - want_dx).abs();
+            assert!(err <= tol * (1.0 + want_dx.abs()), "{at} dx[{p}] {:?} {want_dx}", dx[p]);
+            if z.is_some() {
+                assert_eq!(f(dz[p]), gate, "{at} dz[{p}]");
+            }
+        }
+        let got = (y.iter().map(|&v| f(v)).collect(), dx.iter().map(|&v| f(v)).collect());
+        match reference {
+            None => *reference = Some(got),
+            Some(want) => assert!(got == *want, "{at}: not the outputs of placement +0"),
+        }
     }
 
     /// The `len` values [`placed`] put `bytes` past `from` in `buf`.
