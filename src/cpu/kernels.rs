@@ -2738,20 +2738,8 @@ mod tests {
         fn check<T: Element + std::fmt::Debug>(tol: f64) {
             for (run, c, runs) in [(784usize, 3usize, 4usize), (20, 5, 23), (9, 2, 11)] {
                 let n = run * runs;
-                let xbuf: Vec<T> = (0..n + 2 * ALIAS_SPAN).map(|i| T::from_f32_rounded(signed(i, 1))).collect();
+                let (xbuf, z, dy, maps, gmaps) = placement_data::<T>(n, c, 0.1);
                 let x = &xbuf[ALIAS_SPAN..][..n];
-                let z: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 2))).collect();
-                let dy: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 3))).collect();
-                let maps: Vec<ChannelAffine> = (0..c)
-                    .map(|j| ChannelAffine {
-                        mean: 0.1 * j as f32,
-                        scale: 1.0 + 0.3 * j as f32,
-                        shift: 0.2 - 0.1 * j as f32,
-                    })
-                    .collect();
-                let gmaps: Vec<GradMap> = (0..c)
-                    .map(|j| GradMap { mean: 0.05 * j as f32, a: 0.7 + 0.1 * j as f32, gmean: 0.02, k: -0.3 })
-                    .collect();
                 let first = 1;
                 let ch = |p: usize| (first + p / run) % c;
                 for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
@@ -2810,20 +2798,8 @@ mod tests {
         fn check<T: Element + std::fmt::Debug>(tol: f64) {
             for (rows, c) in [(37usize, 64usize), (21, 48), (30, 17), (9, 512)] {
                 let n = rows * c;
-                let xbuf: Vec<T> = (0..n + 2 * ALIAS_SPAN).map(|i| T::from_f32_rounded(signed(i, 1))).collect();
+                let (xbuf, z, dy, maps, gmaps) = placement_data::<T>(n, c, 0.01);
                 let x = &xbuf[ALIAS_SPAN..][..n];
-                let z: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 2))).collect();
-                let dy: Vec<T> = (0..n).map(|i| T::from_f32_rounded(signed(i, 3))).collect();
-                let maps: Vec<ChannelAffine> = (0..c)
-                    .map(|j| ChannelAffine {
-                        mean: 0.01 * j as f32,
-                        scale: 1.0 + 0.03 * j as f32,
-                        shift: 0.2 - 0.01 * j as f32,
-                    })
-                    .collect();
-                let gmaps: Vec<GradMap> = (0..c)
-                    .map(|j| GradMap { mean: 0.005 * j as f32, a: 0.7 + 0.01 * j as f32, gmean: 0.02, k: -0.3 })
-                    .collect();
                 let (mean, scale, shift) =
                     (periodic(&maps, |m| m.mean), periodic(&maps, |m| m.scale), periodic(&maps, |m| m.shift));
                 let (gm, ga, gg, gk) = (
@@ -2879,6 +2855,25 @@ mod tests {
         }
         check::<f32>(1e-6);
         check::<half::bf16>(1e-2);
+    }
+
+    /// The placement tests' data: `x` (in a buffer with [`ALIAS_SPAN`] values of room on
+    /// each side), `z`, `dy`, and per-channel maps stepping by `k` per channel.
+    #[allow(clippy::type_complexity)]
+    fn placement_data<T: Element>(
+        n: usize,
+        c: usize,
+        k: f32,
+    ) -> (Vec<T>, Vec<T>, Vec<T>, Vec<ChannelAffine>, Vec<GradMap>) {
+        let xbuf = (0..n + 2 * ALIAS_SPAN).map(|i| T::from_f32_rounded(signed(i, 1))).collect();
+        let z = (0..n).map(|i| T::from_f32_rounded(signed(i, 2))).collect();
+        let dy = (0..n).map(|i| T::from_f32_rounded(signed(i, 3))).collect();
+        let maps = (0..c)
+            .map(|j| ChannelAffine { mean: k * j as f32, scale: 1.0 + 3.0 * k * j as f32, shift: 0.2 - k * j as f32 })
+            .collect();
+        let gmaps =
+            (0..c).map(|j| GradMap { mean: 0.5 * k * j as f32, a: 0.7 + k * j as f32, gmean: 0.02, k: -0.3 }).collect();
+        (xbuf, z, dy, maps, gmaps)
     }
 
     /// One placement's normalize and input-gradient outputs (`y`, `dx`, and `dz` when `z`
