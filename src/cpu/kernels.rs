@@ -1271,14 +1271,7 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     }
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
-        let mut v = s.fma1(x[p].to_f32() - m.mean, m.scale, m.shift);
-        if ADD {
-            v += z[p].to_f32();
-        }
-        if RELU && v < 0.0 {
-            v = 0.0;
-        }
-        y[p] = T::from_f32_rounded(v);
+        y[p] = norm_scalar::<S, T, ADD, RELU>(s, x, z, p, (m.mean, m.scale, m.shift));
     }
 }
 
@@ -1340,14 +1333,7 @@ fn norm_run<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
         norm_vec::<S, T, ADD, RELU>(s, x, z, y, i, (mean, scale, shift), (stream, pf));
     }
     for i in (0..lo).chain(hi..n) {
-        let mut v = s.fma1(x[i].to_f32() - m.mean, m.scale, m.shift);
-        if ADD {
-            v += z[i].to_f32();
-        }
-        if RELU && v < 0.0 {
-            v = 0.0;
-        }
-        y[i] = T::from_f32_rounded(v);
+        y[i] = norm_scalar::<S, T, ADD, RELU>(s, x, z, i, (m.mean, m.scale, m.shift));
     }
 }
 
@@ -1514,15 +1500,29 @@ fn norm_flat<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     }
     for p in (start..lo).chain(hi..end) {
         let j = p % c;
-        let mut v = s.fma1(x[p].to_f32() - mean[j], scale[j], shift[j]);
-        if ADD {
-            v += z[p].to_f32();
-        }
-        if RELU && v < 0.0 {
-            v = 0.0;
-        }
-        y[p] = T::from_f32_rounded(v);
+        y[p] = norm_scalar::<S, T, ADD, RELU>(s, x, z, p, (mean[j], scale[j], shift[j]));
     }
+}
+
+/// Element `p` outside the vectors: `act((x - mean) * scale + shift + z)`, its multiply-add
+/// rounded as the level's vectors round theirs ([`Simd::fma1`]), so an output does not
+/// depend on whether its element fell in a vector or at an end.
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn norm_scalar<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
+    s: S,
+    x: &[T],
+    z: &[T],
+    p: usize,
+    (mean, scale, shift): (f32, f32, f32),
+) -> T {
+    let mut v = s.fma1(x[p].to_f32() - mean, scale, shift);
+    if ADD {
+        v += z[p].to_f32();
+    }
+    if RELU && v < 0.0 {
+        v = 0.0;
+    }
+    T::from_f32_rounded(v)
 }
 
 /// The vector at `p` of a flat row-major stream, its channels from phase `j` of the
@@ -2277,7 +2277,7 @@ impl<T: Element> Kernel for GradRows<'_, T> {
     fn run<S: Simd>(self, s: S) {
         // the store kind fixed at compile time: as a third run-time choice in the loop
         // (with `y` and `dz`) it cost 7-10 % of a single-thread bf16 cl backward
-        let stream = self.stream;
+        let stream = self.stream && !grad_rows_cached::<S, T>(self.c);
         with_fetch!(self.ahead, |pf| if stream {
             grad_rows::<S, T, true>(s, self, pf);
         } else {
@@ -2287,6 +2287,19 @@ impl<T: Element> Kernel for GradRows<'_, T> {
             s.fence();
         }
     }
+}
+
+/// Whether the channels-last input gradient writes through the caches even under a
+/// streaming policy: f16 and bf16 with several channel tiles per row, whose streamed
+/// stores would take the flat stream (see [`grad_rows`]) and whose loop, converting, is
+/// bound by the core more than by the line reads that streaming saves. Measured on a
+/// 2-core Zen 4 (AVX-512; 2026-12-06, `BNORM_CPU_STORES` cached against streaming, 4
+/// alternated rounds, min): cached tiles took 0.66-0.91x the time of the streamed flat
+/// stream in 13 of 14 f16/bf16 backward cases with C = 128 to 2048 (6.4 to 25.7 MB of
+/// `dx`; f16 32x512x28x28 1.10x), while with C = 64, one tile, streaming took 0.92-0.99x.
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn grad_rows_cached<S: Simd, T>(c: usize) -> bool {
+    std::mem::size_of::<T>() == 2 && c.is_multiple_of(S::LANES) && several_tiles::<S>(c)
 }
 
 /// [`GradRows`] with the store kind `STREAM` (see [`Simd::put`]).
@@ -2742,46 +2755,33 @@ mod tests {
                 let x = &xbuf[ALIAS_SPAN..][..n];
                 let first = 1;
                 let ch = |p: usize| (first + p / run) % c;
-                for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
-                    if !level.is_supported() {
-                        continue;
-                    }
-                    for (add, relu, stream) in
-                        [(false, false, false), (true, true, false), (false, true, true), (true, false, true)]
-                    {
-                        // (the first placement's outputs: every placement must give them,
-                        // whether it ran tiled, flat or pipelined, and wherever its
-                        // vector loop's scalar ends fell)
-                        let mut reference: Option<(Vec<f64>, Vec<f64>)> = None;
-                        for bytes in [0, 16, 32, 48, 64, 128, ALIAS_SPAN - 16] {
-                            let at = format!("{level} run {run} add {add} relu {relu} stream {stream} +{bytes}");
-                            let mut ybuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
-                            let y = placed(&mut ybuf, x, bytes, n);
-                            let mut slabs = [NormSlab { x, z: add.then_some(&z[..]), y, first }];
-                            let k = NormalizeSlabs { slabs: &mut slabs, run, maps: &maps, relu, stream, ahead: 0 };
-                            dispatch(level, k);
-                            let y = slabs[0].y.to_vec();
-                            let mut dxbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
-                            let mut dzbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
-                            let dx = placed(&mut dxbuf, x, bytes, n);
-                            let dz = placed(&mut dzbuf, x, bytes, n);
-                            let inp = GradRun { dy: &dy, x, y: relu.then_some(&y[..]) };
-                            let mut gs = [GradSlab { inp, dx, dz: add.then_some(dz), first }];
-                            dispatch(level, GradSlabs { slabs: &mut gs, run, maps: &gmaps, stream, ahead: 0 });
-                            let dx = gs[0].dx.to_vec();
-                            let dz = gs[0].dz.as_deref().map_or(Vec::new(), |d| d.to_vec());
-                            let outputs = (&y[..], &dx[..], &dz[..]);
-                            check_placed(
-                                &at,
-                                (x, add.then_some(&z[..]), &dy),
-                                outputs,
-                                |p| (maps[ch(p)], gmaps[ch(p)]),
-                                (relu, tol),
-                                &mut reference,
-                            );
-                        }
-                    }
-                }
+                each_placement(|level, (add, relu, stream), bytes, reference| {
+                    let at = format!("{level} run {run} add {add} relu {relu} stream {stream} +{bytes}");
+                    let mut ybuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                    let y = placed(&mut ybuf, x, bytes, n);
+                    let mut slabs = [NormSlab { x, z: add.then_some(&z[..]), y, first }];
+                    let k = NormalizeSlabs { slabs: &mut slabs, run, maps: &maps, relu, stream, ahead: 0 };
+                    dispatch(level, k);
+                    let y = slabs[0].y.to_vec();
+                    let mut dxbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                    let mut dzbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                    let dx = placed(&mut dxbuf, x, bytes, n);
+                    let dz = placed(&mut dzbuf, x, bytes, n);
+                    let inp = GradRun { dy: &dy, x, y: relu.then_some(&y[..]) };
+                    let mut gs = [GradSlab { inp, dx, dz: add.then_some(dz), first }];
+                    dispatch(level, GradSlabs { slabs: &mut gs, run, maps: &gmaps, stream, ahead: 0 });
+                    let dx = gs[0].dx.to_vec();
+                    let dz = gs[0].dz.as_deref().map_or(Vec::new(), |d| d.to_vec());
+                    let outputs = (&y[..], &dx[..], &dz[..]);
+                    check_placed(
+                        &at,
+                        (x, add.then_some(&z[..]), &dy),
+                        outputs,
+                        |p| (maps[ch(p)], gmaps[ch(p)]),
+                        (relu, tol),
+                        reference,
+                    );
+                });
             }
         }
         check::<f32>(1e-6);
@@ -2808,53 +2808,53 @@ mod tests {
                     periodic(&gmaps, |m| m.gmean),
                     periodic(&gmaps, |m| m.k),
                 );
-                for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
-                    if !level.is_supported() {
-                        continue;
-                    }
-                    for (add, relu, stream) in
-                        [(false, false, false), (true, true, false), (false, true, true), (true, false, true)]
-                    {
-                        // (the first placement's outputs: every placement must give them,
-                        // whether it ran tiled, flat or pipelined, and wherever its
-                        // vector loop's scalar ends fell)
-                        let mut reference: Option<(Vec<f64>, Vec<f64>)> = None;
-                        for bytes in [0, 16, 32, 48, 64, 128, ALIAS_SPAN - 16] {
-                            let at = format!("{level} c {c} add {add} relu {relu} stream {stream} +{bytes}");
-                            let mut ybuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
-                            let y = placed(&mut ybuf, x, bytes, n);
-                            let z = add.then_some(&z[..]);
-                            let (mean, scale, shift) = (&mean[..], &scale[..], &shift[..]);
-                            let (ahead, beyond_l2) = (0, false);
-                            let k = NormalizeRows { x, z, y, c, mean, scale, shift, relu, stream, ahead, beyond_l2 };
-                            dispatch(level, k);
-                            let y = ybuf_values(&ybuf, x, bytes, n);
-                            let mut dxbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
-                            let mut dzbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
-                            let dx = placed(&mut dxbuf, x, bytes, n);
-                            let dz = add.then(|| placed(&mut dzbuf, x, bytes, n));
-                            let inp = GradRun { dy: &dy, x, y: relu.then_some(&y[..]) };
-                            let (mean, a, gmean, k) = (&gm[..], &ga[..], &gg[..], &gk[..]);
-                            let kr = GradRows { inp, dx, dz, c, mean, a, gmean, k, stream, ahead, beyond_l2 };
-                            dispatch(level, kr);
-                            let dx = ybuf_values(&dxbuf, x, bytes, n);
-                            let dz = ybuf_values(&dzbuf, x, bytes, n);
-                            let outputs = (&y[..], &dx[..], &dz[..]);
-                            check_placed(
-                                &at,
-                                (x, z, &dy),
-                                outputs,
-                                |p| (maps[p % c], gmaps[p % c]),
-                                (relu, tol),
-                                &mut reference,
-                            );
-                        }
-                    }
-                }
+                each_placement(|level, (add, relu, stream), bytes, reference| {
+                    let at = format!("{level} c {c} add {add} relu {relu} stream {stream} +{bytes}");
+                    let mut ybuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                    let y = placed(&mut ybuf, x, bytes, n);
+                    let z = add.then_some(&z[..]);
+                    let (mean, scale, shift) = (&mean[..], &scale[..], &shift[..]);
+                    let (ahead, beyond_l2) = (0, false);
+                    let k = NormalizeRows { x, z, y, c, mean, scale, shift, relu, stream, ahead, beyond_l2 };
+                    dispatch(level, k);
+                    let y = ybuf_values(&ybuf, x, bytes, n);
+                    let mut dxbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                    let mut dzbuf = vec![T::from_f32_rounded(0.0); n + 2 * ALIAS_SPAN];
+                    let dx = placed(&mut dxbuf, x, bytes, n);
+                    let dz = add.then(|| placed(&mut dzbuf, x, bytes, n));
+                    let inp = GradRun { dy: &dy, x, y: relu.then_some(&y[..]) };
+                    let (mean, a, gmean, k) = (&gm[..], &ga[..], &gg[..], &gk[..]);
+                    let kr = GradRows { inp, dx, dz, c, mean, a, gmean, k, stream, ahead, beyond_l2 };
+                    dispatch(level, kr);
+                    let dx = ybuf_values(&dxbuf, x, bytes, n);
+                    let dz = ybuf_values(&dzbuf, x, bytes, n);
+                    let outputs = (&y[..], &dx[..], &dz[..]);
+                    check_placed(&at, (x, z, &dy), outputs, |p| (maps[p % c], gmaps[p % c]), (relu, tol), reference);
+                });
             }
         }
         check::<f32>(1e-6);
         check::<half::bf16>(1e-2);
+    }
+
+    /// The placement tests' loops: `case(level, (add, relu, stream), bytes, reference)` on
+    /// every supported level, four sets of flags, and outputs 0 to 128 and -16 bytes past the
+    /// inputs modulo 4 KiB. `reference` holds the first placement's outputs of a level and
+    /// set of flags: every placement must give them, whether it ran tiled, flat or
+    /// pipelined, and wherever its vector loop's scalar ends fell.
+    #[allow(clippy::type_complexity)]
+    fn each_placement(mut case: impl FnMut(SimdLevel, (bool, bool, bool), usize, &mut Option<(Vec<f64>, Vec<f64>)>)) {
+        for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+            if !level.is_supported() {
+                continue;
+            }
+            for flags in [(false, false, false), (true, true, false), (false, true, true), (true, false, true)] {
+                let mut reference = None;
+                for bytes in [0, 16, 32, 48, 64, 128, ALIAS_SPAN - 16] {
+                    case(level, flags, bytes, &mut reference);
+                }
+            }
+        }
     }
 
     /// The placement tests' data: `x` (in a buffer with [`ALIAS_SPAN`] values of room on

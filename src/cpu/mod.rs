@@ -93,21 +93,33 @@ impl std::fmt::Debug for CpuDevice {
 /// let cpu = CpuDevice::new().with_stores(Stores::Cached);
 /// assert!(!cpu.streams(DType::F32, 1 << 30));
 /// assert!(CpuDevice::new().with_stores(Stores::Streaming).streams(DType::BF16, 64));
+/// // auto: an op moving 1 GiB streams, one moving 256 KiB does not
+/// let auto = CpuDevice::new();
+/// assert!(auto.streams(DType::F32, 1 << 28) && !auto.streams(DType::F32, 1 << 16));
 /// assert_eq!("cached".parse::<Stores>(), Ok(Stores::Cached));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum Stores {
-    /// Stream f32 outputs of at least four times the L2 of the threads that write them,
-    /// f16 and bf16 outputs of at least eight times ([`CpuDevice::streams`]); cached below.
-    /// Measured on the 2-core AVX-512 machine of docs/BENCHMARKS.md: a normalize pass plus
-    /// a pass that reads its output, streamed against cached, took 1.09-1.19x the time at
-    /// 6.4 MB of f32 output, 0.87-0.98x at 12.8 MB, 0.77-0.80x from 25.7 MB. Between two
-    /// runs of the resnet50 suite (before and after streaming), the streamed cases took
-    /// 0.39-1.04x the time from 25.7 MB of f32 output and from 51 MB of f16/bf16, but
-    /// 16-bit forward passes at 25.7 MB took 1.06-1.35x (a 16-bit pass converts more per
-    /// byte and hides more of the line reads). On a 2-core AMD EPYC (Zen 4, 1 MiB L2 per
-    /// core, 32 MiB L3), `BNORM_CPU_STORES=cached` against this policy (7 cases of 25.7 to
-    /// 51 MB of output, 4 alternated rounds) took 0.83-1.92x the time, geomean 1.29x.
+    /// Stream the outputs of an op whose pass-count traffic (the bytes its passes read and
+    /// write: `x`, `z` and `y` for inference, `x` twice in training) reaches the smaller of
+    /// the L3 and 16 MiB per thread ([`CpuDevice::streams`]); cached below. Such an op's
+    /// data cannot stay in the L3 from one call to the next, and streamed outputs skip the
+    /// read of every output line; a smaller op's data can, and cached outputs then go to
+    /// and from the L3 alone. The 16 MiB per thread caps the L3 that a VM reports when
+    /// neighbours share it. (The channels-last input gradient of f16/bf16 with several
+    /// channel tiles per row never streams: see `grad_rows`.)
+    ///
+    /// Measured on a 2-core AMD EPYC (Zen 4, 1 MiB L2 per core, 32 MiB L3; 2026-12-06):
+    /// 144 resnet50 cases (batch 32, 6.4 to 51 MB of output, all ops, types and layouts),
+    /// each cached and streamed, 4 alternated rounds, min. Against the better choice per
+    /// case, this rule's choices took 1.03x the time (geomean), the former rule's (stream
+    /// f32 outputs from 4x the threads' L2, 16-bit ones from 8x) 1.05x. Inference with
+    /// 12.8 MB of output (x and y fit in the L3) took 0.83x the time cached (18 cases);
+    /// training forward and backward there 1.08x and 1.14x. Earlier, on the 2-core
+    /// AVX-512 machine with 260 MiB of L3: a normalize pass plus a pass that reads its
+    /// output, streamed against cached, took 1.09-1.19x the time at 6.4 MB of f32 output,
+    /// 0.87-0.98x at 12.8 MB, 0.77-0.80x from 25.7 MB (this rule streams from 16 MB of
+    /// inference output there).
     #[default]
     Auto,
     /// Always through the caches.
@@ -138,9 +150,9 @@ impl std::str::FromStr for Stores {
     }
 }
 
-/// [`Stores::Auto`] streams an f32 output of at least this many times the threads' L2, a
-/// 16-bit one of twice that.
-const STREAM_L2_MULTIPLE: usize = 4;
+/// [`Stores::Auto`] streams the outputs of an op moving at least the L3 or this many bytes
+/// per thread, whichever is less (see [`Stores::Auto`]).
+const STREAM_FROM_BYTES_PER_THREAD: usize = 16 << 20;
 
 /// The vector loops prefetch their inputs (`prefetcht0`, [`PREFETCH_AHEAD`] values ahead)
 /// when the op's input takes at least this many bytes. Measured here (2 threads, paired
@@ -200,17 +212,24 @@ impl CpuDevice {
         self.stores
     }
 
-    /// Whether an op whose outputs are `elements` values of `dtype` writes them with
-    /// streaming stores: under [`Stores::Auto`], when they take at least 4 times the L2 of
-    /// the threads for f32 (each thread's share is then four times its core's L2), 8 times
-    /// for f16 and bf16.
+    /// Whether an op whose passes move `elements` values of `dtype` (its pass-count
+    /// traffic: an inference's `x`, `z` and `y`; a training forward's `x` twice, `z` and
+    /// `y`; a backward's inputs twice and its outputs) writes its outputs with streaming
+    /// stores: under [`Stores::Auto`], when they take at least the L3, or 16 MiB per
+    /// thread if that is less.
     pub fn streams(&self, dtype: DType, elements: usize) -> bool {
-        let multiple = if dtype.size() >= 4 { STREAM_L2_MULTIPLE } else { 2 * STREAM_L2_MULTIPLE };
         match self.stores {
             Stores::Cached => false,
             Stores::Streaming => true,
-            Stores::Auto => elements.saturating_mul(dtype.size()) >= multiple * l2_bytes() * self.threads(),
+            Stores::Auto => elements.saturating_mul(dtype.size()) >= self.stream_from_bytes(),
         }
+    }
+
+    /// The pass-count traffic from which [`Stores::Auto`] streams: the L3 (where sysfs
+    /// tells its size) or [`STREAM_FROM_BYTES_PER_THREAD`] per thread, whichever is less.
+    fn stream_from_bytes(&self) -> usize {
+        let cap = STREAM_FROM_BYTES_PER_THREAD.saturating_mul(self.threads());
+        l3_bytes().map_or(cap, |l3| l3.min(cap))
     }
 
     /// Values ahead of their position that the vector loops of an op whose inputs are
@@ -390,6 +409,12 @@ impl<T> Backward<'_, T> {
     fn inputs(&self) -> usize {
         backward_inputs(self.x, self.dy, self.y)
     }
+
+    /// Values the backward's passes move: its inputs twice (the sums, then the input
+    /// gradient) and its outputs once.
+    fn traffic(&self) -> usize {
+        2 * self.inputs() + self.outputs()
+    }
 }
 
 /// Values a backward over `x`, `dy` and `y` reads (what its prefetch decision counts).
@@ -455,13 +480,23 @@ fn l2_bytes() -> usize {
     static L2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *L2.get_or_init(|| {
         let s = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index2/size").unwrap_or_default();
-        let s = s.trim();
-        let parsed = match s.strip_suffix('K') {
-            Some(k) => k.parse::<usize>().ok().map(|v| v << 10),
-            None => s.strip_suffix('M').and_then(|m| m.parse::<usize>().ok()).map(|v| v << 20),
-        };
-        parsed.filter(|&b| b >= 256 << 10).unwrap_or(1 << 20)
+        cache_size(&s).filter(|&b| b >= 256 << 10).unwrap_or(1 << 20)
     })
+}
+
+/// The L3 size seen from cpu0 (Linux sysfs), `None` where it cannot be read.
+fn l3_bytes() -> Option<usize> {
+    static L3: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *L3.get_or_init(|| cache_size(&std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").ok()?))
+}
+
+/// A sysfs cache size (`1024K`, `32M`) in bytes.
+fn cache_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    match s.strip_suffix('K') {
+        Some(k) => k.parse::<usize>().ok().map(|v| v << 10),
+        None => s.strip_suffix('M').and_then(|m| m.parse::<usize>().ok()).map(|v| v << 20),
+    }
 }
 
 /// A fused, cache-blocked plan for channels-first data: groups of `g` consecutive channels,
@@ -541,7 +576,7 @@ pub(crate) fn forward_training<T: Element>(
     };
     let level = dev.simd;
     let Forward { x, z, y, relu } = a;
-    let stream = dev.streams(T::DTYPE, y.len());
+    let stream = dev.streams(T::DTYPE, 2 * x.len() + z.map_or(0, |z| z.len()) + y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
     let per_group: Vec<(Totals, Scratch<f64>)> = dev.map_items(groups, Order::Forward, |k, ys: Vec<&mut [T]>| {
@@ -581,7 +616,7 @@ pub(crate) fn backward<T: Element>(
         return sums;
     };
     let level = dev.simd;
-    let stream = dev.streams(T::DTYPE, a.outputs());
+    let stream = dev.streams(T::DTYPE, a.traffic());
     let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
     let Backward { x, y, dy, dx, dz } = a;
     let groups = paired(f.slabs(dx).into_iter(), dz.map(|dz| f.slabs(dz).into_iter()));
@@ -613,7 +648,8 @@ pub(crate) fn backward<T: Element>(
 // ---------------------------------------------------------------- normalize
 
 /// `y = act((x - mean) * scale + shift + z)` with the per-channel maps, each thread taking
-/// its share of the tasks in `order` ([`Order::Backward`] after a pass over `x`).
+/// its share of the tasks in `order` ([`Order::Backward`] after a pass over `x`, which the
+/// store policy counts as part of the op's traffic).
 pub(crate) fn normalize<T: Element>(
     dev: &CpuDevice,
     shape: &Shape,
@@ -624,7 +660,8 @@ pub(crate) fn normalize<T: Element>(
     let level = dev.simd;
     let threads = dev.threads();
     let Forward { x, z, y, relu } = a;
-    let stream = dev.streams(T::DTYPE, y.len());
+    let x_passes = if order == Order::Backward { 2 } else { 1 };
+    let stream = dev.streams(T::DTYPE, x_passes * x.len() + z.map_or(0, |z| z.len()) + y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let beyond_l2 = dev.beyond_l2(T::DTYPE, x.len() + y.len() + z.map_or(0, |z| z.len()));
     match shape.pattern() {
@@ -720,7 +757,7 @@ pub(crate) fn grad_sums<T: Element>(
 
 /// `dx = a * ((g - gmean) + k * (x - mean))` per channel, and `dz = g` when asked, each
 /// thread taking its share of the tasks in `order` ([`Order::Backward`] after a pass over
-/// `x` and `dy`).
+/// `x` and `dy`, the only order its callers use: the store policy counts that pass).
 pub(crate) fn grad_input<T: Element>(
     dev: &CpuDevice,
     shape: &Shape,
@@ -730,7 +767,7 @@ pub(crate) fn grad_input<T: Element>(
 ) {
     let level = dev.simd;
     let threads = dev.threads();
-    let stream = dev.streams(T::DTYPE, a.outputs());
+    let stream = dev.streams(T::DTYPE, a.traffic());
     let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
     let beyond_l2 = dev.beyond_l2(T::DTYPE, a.inputs() + a.outputs());
     let Backward { x, y, dy, dx, dz } = a;
@@ -870,20 +907,24 @@ mod tests {
         }
     }
 
-    /// `Stores::Auto` streams f32 from four times the threads' L2 up, 16-bit types from
-    /// eight, not below; the policy parses from its names and refuses others.
+    /// `Stores::Auto` streams an op moving the L3 or 16 MiB per thread (the lesser) and
+    /// more, counted in bytes whatever the type, not less; the policy parses from its
+    /// names and refuses others.
     #[test]
-    fn auto_stores_stream_from_four_l2s_per_thread() {
+    fn auto_stores_stream_from_the_l3_or_16_mib_per_thread() {
         let dev = CpuDevice::new().with_threads(2).unwrap().with_stores(Stores::Auto);
-        let at = 4 * l2_bytes() * 2 / 4; // f32 elements
-        assert!(!dev.streams(DType::F32, at - 1));
-        assert!(dev.streams(DType::F32, at));
-        assert!(!dev.streams(DType::F16, 2 * at));
-        assert!(!dev.streams(DType::BF16, 4 * at - 1));
-        assert!(dev.streams(DType::BF16, 4 * at));
+        let from = l3_bytes().unwrap_or(usize::MAX).min(32 << 20);
+        assert_eq!(dev.stream_from_bytes(), from);
+        assert!(!dev.streams(DType::F32, from / 4 - 1));
+        assert!(dev.streams(DType::F32, from / 4));
+        assert!(!dev.streams(DType::F16, from / 2 - 1));
+        assert!(dev.streams(DType::BF16, from / 2));
         let one = CpuDevice::new().with_threads(1).unwrap().with_stores(Stores::Auto);
-        assert!(one.streams(DType::F32, at / 2));
-        assert!(!one.streams(DType::F32, at / 2 - 1));
+        assert_eq!(one.stream_from_bytes(), l3_bytes().unwrap_or(usize::MAX).min(16 << 20));
+        assert!(!one.streams(DType::F32, one.stream_from_bytes() / 4 - 1));
+        assert_eq!(cache_size("32768K\n"), Some(32 << 20));
+        assert_eq!(cache_size("2M"), Some(2 << 20));
+        assert_eq!(cache_size("lots"), None);
         for p in [Stores::Auto, Stores::Cached, Stores::Streaming] {
             assert_eq!(p.to_string().parse::<Stores>(), Ok(p));
         }
