@@ -107,7 +107,7 @@ pub enum Stores {
     /// read of every output line; a smaller op's data can, and cached outputs then go to
     /// and from the L3 alone. The 64 MiB per thread caps the L3 that a VM reports when
     /// neighbours share it. (The channels-last input gradient of f16/bf16 with several
-    /// channel tiles per row never streams: see `grad_rows`.)
+    /// channel tiles per row never streams: see `grad_rows_cached` in `cpu::kernels`.)
     ///
     /// Measured on a 2-core AMD EPYC (Zen 4, 1 MiB L2 per core, 32 MiB L3; 2026-12-06):
     /// 144 resnet50 cases (batch 32, 6.4 to 51 MB of output, all ops, types and layouts),
