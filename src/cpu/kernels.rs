@@ -1263,15 +1263,48 @@ fn norm_slab<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
                 |j| norm_value::<S, T, ADD, RELU>(s, x, z, p + j * l, (mean, scale, shift), pf),
                 |i, v| s.put(&mut y[p + i * l..], v, stream)
             );
+        } else if stream {
+            norm_stretch::<S, T, ADD, RELU, true>(s, (x, z, y), (p, count), (mean, scale, shift), pf);
         } else {
-            for j in 0..count {
-                norm_vec::<S, T, ADD, RELU>(s, x, z, y, p + j * l, (mean, scale, shift), (stream, pf));
-            }
+            norm_stretch::<S, T, ADD, RELU, false>(s, (x, z, y), (p, count), (mean, scale, shift), pf);
         }
     }
     for p in (0..lo).chain(hi..n) {
         let m = map_of(p / run);
         y[p] = norm_scalar::<S, T, ADD, RELU>(s, x, z, p, (m.mean, m.scale, m.shift));
+    }
+}
+
+/// `count` whole vectors from `p` with one channel's parameters (`STREAM`: see
+/// [`Simd::put`]): the slices are cut to the stretch once and walked in vector chunks, so
+/// the loop has no bounds test per vector and no per-vector choice of store.
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn norm_stretch<S: Simd, T: Element, const ADD: bool, const RELU: bool, const STREAM: bool>(
+    s: S,
+    (x, z, y): (&[T], &[T], &mut [T]),
+    (p, count): (usize, usize),
+    (mean, scale, shift): (S::V, S::V, S::V),
+    pf: impl Fetch,
+) {
+    let l = S::LANES;
+    let end = p + count * l;
+    let (xs, ys) = (&x[p..end], &mut y[p..end]);
+    let zs = if ADD { &z[p..end] } else { xs };
+    let mut at = p;
+    for ((xv, zv), yv) in xs.chunks_exact(l).zip(zs.chunks_exact(l)).zip(ys.chunks_exact_mut(l)) {
+        pf.fetch(s, x, at);
+        if ADD {
+            pf.fetch(s, z, at);
+        }
+        let mut v = s.fma(s.sub(s.load(xv), mean), scale, shift);
+        if ADD {
+            v = s.add(v, s.load(zv));
+        }
+        if RELU {
+            v = s.relu(v);
+        }
+        s.put(yv, v, STREAM);
+        at += l;
     }
 }
 
@@ -2146,20 +2179,49 @@ fn grad_slab<S: Simd, T: Element, const RELU: bool, const DZ: bool>(
                     s.put(&mut dz[p0 + i * l..], v.1, stream);
                 }
             });
+        } else if stream {
+            grad_stretch::<S, T, RELU, DZ, true>(s, (dy, x, y), (&mut *dx, &mut *dz), (p0, count), params, pf);
         } else {
-            for j in 0..count {
-                let p = p0 + j * l;
-                let (v, g) = gate_value::<S, T, RELU>(s, (dy, x, y), p, params, pf);
-                s.put(&mut dx[p..], v, stream);
-                if DZ {
-                    s.put(&mut dz[p..], g, stream);
-                }
-            }
+            grad_stretch::<S, T, RELU, DZ, false>(s, (dy, x, y), (&mut *dx, &mut *dz), (p0, count), params, pf);
         }
     }
     // heads and tails shorter than a vector: grad_span runs them scalar
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (0, lo, stream, pf), map_of);
     grad_span(s, &sl.inp, &mut *sl.dx, sl.dz.as_deref_mut(), (hi, n, stream, pf), map_of);
+}
+
+/// `count` whole vectors from `p` of `dx` (and of `dz = g` when `DZ`) with one channel's
+/// parameters (`STREAM`: see [`Simd::put`]): like [`norm_stretch`], slices cut to the
+/// stretch once and walked in vector chunks.
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn grad_stretch<S: Simd, T: Element, const RELU: bool, const DZ: bool, const STREAM: bool>(
+    s: S,
+    (dy, x, y): (&[T], &[T], &[T]),
+    (dx, dz): (&mut [T], &mut [T]),
+    (p, count): (usize, usize),
+    params: (S::V, S::V, S::V, S::V),
+    pf: impl Fetch,
+) {
+    let l = S::LANES;
+    let end = p + count * l;
+    let (dys, xs) = (&dy[p..end], &x[p..end]);
+    let ys = if RELU { &y[p..end] } else { dys };
+    let mut dzs = if DZ { dz[p..end].chunks_exact_mut(l) } else { dz[..0].chunks_exact_mut(l) };
+    let mut at = p;
+    let ins = dys.chunks_exact(l).zip(xs.chunks_exact(l)).zip(ys.chunks_exact(l));
+    for (((dyv, xv), yv), dxv) in ins.zip(dx[p..end].chunks_exact_mut(l)) {
+        pf.fetch(s, dy, at);
+        pf.fetch(s, x, at);
+        if RELU {
+            pf.fetch(s, y, at);
+        }
+        let (v, g) = gate_value::<S, T, RELU>(s, (dyv, xv, yv), 0, params, NoFetch);
+        s.put(dxv, v, STREAM);
+        if let (true, Some(d)) = (DZ, dzs.next()) {
+            s.put(d, g, STREAM);
+        }
+        at += l;
+    }
 }
 
 /// The vectors at `p` of `dx = a * (k * (x - mean) + g - gmean)` and of `g` (= `dz`):
