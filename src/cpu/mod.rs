@@ -102,10 +102,10 @@ impl std::fmt::Debug for CpuDevice {
 pub enum Stores {
     /// Stream the outputs of an op whose pass-count traffic (the bytes its passes read and
     /// write: `x`, `z` and `y` for inference, `x` twice in training) reaches the smaller of
-    /// the L3 and 64 MiB per thread ([`CpuDevice::streams`]); cached below. Such an op's
+    /// the L3 and 32 MiB per thread ([`CpuDevice::streams`]); cached below. Such an op's
     /// data cannot stay in the L3 from one call to the next, and streamed outputs skip the
     /// read of every output line; a smaller op's data can, and cached outputs then go to
-    /// and from the L3 alone. The 64 MiB per thread caps the L3 that a VM reports when
+    /// and from the L3 alone. The 32 MiB per thread caps the L3 that a VM reports when
     /// neighbours share it. (The channels-last input gradient of f16/bf16 with several
     /// channel tiles per row never streams: see `grad_rows_cached` in `cpu::kernels`.)
     ///
@@ -121,9 +121,16 @@ pub enum Stores {
     /// 0.87-0.98x at 12.8 MB, 0.77-0.80x from 25.7 MB (this rule streams from 16 MB of
     /// inference output there). On a 2-core Intel Xeon VM (AVX-512 FP16, 2 MiB L2 per
     /// core, 480 MiB L3; 2026-12-06), 252 resnet50 cases (the whole suite at batch 32),
-    /// 3 alternated rounds, min: this rule 1.013x the per-case best (geomean), the former
-    /// 1.016x, a cap of 16 MiB per thread 1.029x, always cached 1.043x, always streamed
-    /// 1.063x.
+    /// 3 alternated rounds, min, with the cap at 64 MiB per thread: 1.013x the per-case
+    /// best (geomean), the former rule 1.016x, a cap of 16 MiB per thread 1.029x, always
+    /// cached 1.043x, always streamed 1.063x. The same machine model in a later session,
+    /// with element-wise tasks a few per thread (runs 3 rounds, same method): a cap of
+    /// 64 MiB per thread 1.032x, 32 MiB 1.016x (this rule), 16 MiB 1.015x, always cached
+    /// 1.105x, always streamed 1.026x; inference over 98 MiB of traffic (16 cases) took
+    /// 0.85x the time streamed, forward over 73 MiB 0.99x, backward over 122 MiB 0.92x.
+    /// At 6-18 MiB some ops ran up to 1.3x faster streamed only because the benchmark
+    /// calls them back to back on the same `x` (kept in L2 when `y` bypasses it), which a
+    /// network, whose next layer reads `y`, would not see: they stay cached.
     #[default]
     Auto,
     /// Always through the caches.
@@ -156,7 +163,7 @@ impl std::str::FromStr for Stores {
 
 /// [`Stores::Auto`] streams the outputs of an op moving at least the L3 or this many bytes
 /// per thread, whichever is less (see [`Stores::Auto`]).
-const STREAM_FROM_BYTES_PER_THREAD: usize = 64 << 20;
+const STREAM_FROM_BYTES_PER_THREAD: usize = 32 << 20;
 
 /// The vector loops prefetch their inputs (`prefetcht0`, [`PREFETCH_AHEAD`] values ahead)
 /// when the op's input takes at least this many bytes. Measured here (2 threads, paired
@@ -219,7 +226,7 @@ impl CpuDevice {
     /// Whether an op whose passes move `elements` values of `dtype` (its pass-count
     /// traffic: an inference's `x`, `z` and `y`; a training forward's `x` twice, `z` and
     /// `y`; a backward's inputs twice and its outputs) writes its outputs with streaming
-    /// stores: under [`Stores::Auto`], when they take at least the L3, or 64 MiB per
+    /// stores: under [`Stores::Auto`], when they take at least the L3, or 32 MiB per
     /// thread if that is less.
     pub fn streams(&self, dtype: DType, elements: usize) -> bool {
         match self.stores {
@@ -394,6 +401,19 @@ pub(crate) struct Forward<'a, T> {
     pub relu: bool,
 }
 
+impl<T> Forward<'_, T> {
+    /// Values one pass over the buffers moves: `x`, `z` (when added) and `y`.
+    fn moved(&self) -> usize {
+        self.x.len() + self.z.map_or(0, |z| z.len()) + self.y.len()
+    }
+
+    /// Values the op's passes move when `x` is read `x_passes` times (a training forward
+    /// reads it for the moments, then to normalize) and `z` and `y` once.
+    fn traffic(&self, x_passes: usize) -> usize {
+        self.moved() + (x_passes - 1) * self.x.len()
+    }
+}
+
 /// Backward arguments after validation, all on the host.
 pub(crate) struct Backward<'a, T> {
     pub x: &'a [T],
@@ -488,11 +508,22 @@ fn l2_bytes() -> usize {
     })
 }
 
-/// The L3 size seen from cpu0 (Linux sysfs), `None` where it cannot be read.
+/// The L3 size seen from cpu0 (Linux sysfs), `None` where it cannot be read or is below
+/// [`L3_FLOOR`] (a VM that reports a token L3 would otherwise make [`Stores::Auto`] stream
+/// every op).
 fn l3_bytes() -> Option<usize> {
     static L3: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *L3.get_or_init(|| cache_size(&std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").ok()?))
+    *L3.get_or_init(|| l3_size(&std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").ok()?))
 }
+
+/// A sysfs L3 size in bytes, `None` below [`L3_FLOOR`].
+fn l3_size(s: &str) -> Option<usize> {
+    cache_size(s).filter(|&b| b >= L3_FLOOR)
+}
+
+/// The smallest L3 size [`l3_bytes`] believes (a real L3 holds a few MiB or more; less is
+/// taken for a placeholder and treated as unknown).
+const L3_FLOOR: usize = 1 << 20;
 
 /// A sysfs cache size (`1024K`, `32M`) in bytes.
 fn cache_size(s: &str) -> Option<usize> {
@@ -579,8 +610,8 @@ pub(crate) fn forward_training<T: Element>(
         return (moments, invstd);
     };
     let level = dev.simd;
+    let stream = dev.streams(T::DTYPE, a.traffic(2));
     let Forward { x, z, y, relu } = a;
-    let stream = dev.streams(T::DTYPE, 2 * x.len() + z.map_or(0, |z| z.len()) + y.len());
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
     let per_group: Vec<(Totals, Scratch<f64>)> = dev.map_items(groups, Order::Forward, |k, ys: Vec<&mut [T]>| {
@@ -663,15 +694,15 @@ pub(crate) fn normalize<T: Element>(
 ) {
     let level = dev.simd;
     let threads = dev.threads();
-    let Forward { x, z, y, relu } = a;
     let x_passes = if order == Order::Backward { 2 } else { 1 };
-    let stream = dev.streams(T::DTYPE, x_passes * x.len() + z.map_or(0, |z| z.len()) + y.len());
+    let stream = dev.streams(T::DTYPE, a.traffic(x_passes));
+    let beyond_l2 = dev.beyond_l2(T::DTYPE, a.moved());
+    let Forward { x, z, y, relu } = a;
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
-    let beyond_l2 = dev.beyond_l2(T::DTYPE, x.len() + y.len() + z.map_or(0, |z| z.len()));
     match shape.pattern() {
         Pattern::Planes { s, .. } => {
             // a task's chunk is consecutive runs: one slab, its first run at channel (t * runs_per) % C
-            let runs_per = partition::runs_per_task(s);
+            let runs_per = partition::runs_per_task(y.len() / s, s, threads);
             let chunk = runs_per * s;
             dev.for_chunks(y, chunk, order, |t, y| {
                 let (lo, hi) = (t * chunk, t * chunk + y.len());
@@ -777,7 +808,7 @@ pub(crate) fn grad_input<T: Element>(
     let Backward { x, y, dy, dx, dz } = a;
     match shape.pattern() {
         Pattern::Planes { s, .. } => {
-            let runs_per = partition::runs_per_task(s);
+            let runs_per = partition::runs_per_task(dx.len() / s, s, threads);
             let chunk = runs_per * s;
             dev.map_items(paired(dx.chunks_mut(chunk), dz.map(|dz| dz.chunks_mut(chunk))), order, |t, (dx, dz)| {
                 let (lo, hi) = (t * chunk, t * chunk + dx.len());
@@ -911,24 +942,26 @@ mod tests {
         }
     }
 
-    /// `Stores::Auto` streams an op moving the L3 or 64 MiB per thread (the lesser) and
-    /// more, counted in bytes whatever the type, not less; the policy parses from its
-    /// names and refuses others.
+    /// `Stores::Auto` streams an op moving the L3 or 32 MiB per thread (the lesser) and
+    /// more, counted in bytes whatever the type, not less; an L3 under 1 MiB counts as
+    /// unknown; the policy parses from its names and refuses others.
     #[test]
-    fn auto_stores_stream_from_the_l3_or_64_mib_per_thread() {
+    fn auto_stores_stream_from_the_l3_or_32_mib_per_thread() {
         let dev = CpuDevice::new().with_threads(2).unwrap().with_stores(Stores::Auto);
-        let from = l3_bytes().unwrap_or(usize::MAX).min(128 << 20);
+        let from = l3_bytes().unwrap_or(usize::MAX).min(64 << 20);
         assert_eq!(dev.stream_from_bytes(), from);
         assert!(!dev.streams(DType::F32, from / 4 - 1));
         assert!(dev.streams(DType::F32, from / 4));
         assert!(!dev.streams(DType::F16, from / 2 - 1));
         assert!(dev.streams(DType::BF16, from / 2));
         let one = CpuDevice::new().with_threads(1).unwrap().with_stores(Stores::Auto);
-        assert_eq!(one.stream_from_bytes(), l3_bytes().unwrap_or(usize::MAX).min(64 << 20));
+        assert_eq!(one.stream_from_bytes(), l3_bytes().unwrap_or(usize::MAX).min(32 << 20));
         assert!(!one.streams(DType::F32, one.stream_from_bytes() / 4 - 1));
         assert_eq!(cache_size("32768K\n"), Some(32 << 20));
         assert_eq!(cache_size("2M"), Some(2 << 20));
         assert_eq!(cache_size("lots"), None);
+        assert_eq!(l3_size("32768K"), Some(32 << 20));
+        assert_eq!(l3_size("512K"), None);
         for p in [Stores::Auto, Stores::Cached, Stores::Streaming] {
             assert_eq!(p.to_string().parse::<Stores>(), Ok(p));
         }
