@@ -1296,13 +1296,7 @@ fn norm_stretch<S: Simd, T: Element, const ADD: bool, const RELU: bool, const ST
         if ADD {
             pf.fetch(s, z, at);
         }
-        let mut v = s.fma(s.sub(s.load(xv), mean), scale, shift);
-        if ADD {
-            v = s.add(v, s.load(zv));
-        }
-        if RELU {
-            v = s.relu(v);
-        }
+        let v = norm_value::<S, T, ADD, RELU>(s, xv, zv, 0, (mean, scale, shift), NoFetch);
         s.put(yv, v, STREAM);
         at += l;
     }
