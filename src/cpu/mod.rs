@@ -615,12 +615,10 @@ pub(crate) fn forward_training<T: Element>(
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     let groups = f.slabs(y);
     let per_group: Vec<(Totals, Scratch<f64>)> = dev.map_items(groups, Order::Forward, |k, ys: Vec<&mut [T]>| {
-        let moments = Totals::from_moments(
-            f.g,
-            f.channels(k).map(|ch| {
-                dispatch(level, RunMomentsKernel { x, runs: f.runs(ch), shift: x[ch * f.s].to_f32(), ahead })
-            }),
-        );
+        let chs = f.channels(k);
+        let (channels, shift_at) = (chs.len(), chs.start * f.s);
+        let moments =
+            dispatch(level, ChannelMomentsKernel { x, runs: f.runs(chs.start), channels, step: f.s, shift_at, ahead });
         let invstd = moments.invstd(eps);
         let maps = affine(f.channels(k).start, &moments, &invstd);
         let mut slabs: Vec<NormSlab<'_, T>> = ys
