@@ -1848,18 +1848,7 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
     }
     let fetch = short_run::<T>(n);
     for i in 0..runs.count {
-        if fetch {
-            prefetch_run(s, inp.dy, &runs, i + RUN_AHEAD);
-            prefetch_run(s, inp.x, &runs, i + RUN_AHEAD);
-            if let (true, Some(y)) = (RELU, inp.y) {
-                prefetch_run(s, y, &runs, i + RUN_AHEAD);
-            }
-        }
-        let (dy, x) = (runs.get(inp.dy, i), runs.get(inp.x, i));
-        let y = match inp.y {
-            Some(y) if RELU => runs.get(y, i),
-            _ => dy,
-        };
+        let (dy, y, x) = grad_run::<S, T, RELU>(s, inp, &runs, i, fetch);
         // a plain function, not a closure: a closure can stay out of line and then call the
         // intrinsics without this function's target features (.ci/run checks for that)
         let term = grad_term::<S, T, RELU>;
@@ -1922,6 +1911,31 @@ fn grad_sums_runs<S: Simd, T: Element, const RELU: bool>(
     out
 }
 
+/// Run `i` of the backward inputs as `(dy, y, x)` (`y` is `dy` without the ReLU gate),
+/// first prefetching run `i + RUN_AHEAD` when `fetch` (short runs: see [`RUN_AHEAD`]).
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn grad_run<'a, S: Simd, T, const RELU: bool>(
+    s: S,
+    inp: &GradRun<'a, T>,
+    runs: &Runs,
+    i: usize,
+    fetch: bool,
+) -> (&'a [T], &'a [T], &'a [T]) {
+    if fetch {
+        prefetch_run(s, inp.dy, runs, i + RUN_AHEAD);
+        prefetch_run(s, inp.x, runs, i + RUN_AHEAD);
+        if let (true, Some(y)) = (RELU, inp.y) {
+            prefetch_run(s, y, runs, i + RUN_AHEAD);
+        }
+    }
+    let dy = runs.get(inp.dy, i);
+    let y = match inp.y {
+        Some(y) if RELU => runs.get(y, i),
+        _ => dy,
+    };
+    (dy, y, runs.get(inp.x, i))
+}
+
 /// [`grad_sums_runs`] of runs one to `ACC` vectors long (7x7 and 14x14 planes): each run's
 /// whole vectors in accumulators `0..`, its last values as its last whole vector (the
 /// lanes already counted zeroed) in the last accumulator, one step per run. A loop of its
@@ -1947,18 +1961,7 @@ fn grad_sums_short_runs<S: Simd, T: Element, const RELU: bool>(
     let term = grad_term::<S, T, RELU>;
     let fetch = short_run::<T>(n);
     for i in 0..runs.count {
-        if fetch {
-            prefetch_run(s, inp.dy, &runs, i + RUN_AHEAD);
-            prefetch_run(s, inp.x, &runs, i + RUN_AHEAD);
-            if let (true, Some(y)) = (RELU, inp.y) {
-                prefetch_run(s, y, &runs, i + RUN_AHEAD);
-            }
-        }
-        let (dy, x) = (runs.get(inp.dy, i), runs.get(inp.x, i));
-        let y = match inp.y {
-            Some(y) if RELU => runs.get(y, i),
-            _ => dy,
-        };
+        let (dy, y, x) = grad_run::<S, T, RELU>(s, inp, &runs, i, fetch);
         for k in 0..ACC - 1 {
             if k < whole {
                 let (gv, xc) = term(s, dy, y, x, mv, k * l);
