@@ -616,9 +616,8 @@ pub(crate) fn forward_training<T: Element>(
     let groups = f.slabs(y);
     let per_group: Vec<(Totals, Scratch<f64>)> = dev.map_items(groups, Order::Forward, |k, ys: Vec<&mut [T]>| {
         let chs = f.channels(k);
-        let (channels, shift_at) = (chs.len(), chs.start * f.s);
         let moments =
-            dispatch(level, ChannelMomentsKernel { x, runs: f.runs(chs.start), channels, step: f.s, shift_at, ahead });
+            dispatch(level, ChannelMomentsKernel { x, runs: f.runs(chs.start), channels: chs.len(), step: f.s, ahead });
         let invstd = moments.invstd(eps);
         let maps = affine(f.channels(k).start, &moments, &invstd);
         let mut slabs: Vec<NormSlab<'_, T>> = ys
