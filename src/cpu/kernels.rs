@@ -2501,6 +2501,9 @@ pub(crate) struct GradRows<'a, T> {
     pub ahead: usize,
     /// the op's data outgrows the threads' L2 (`CpuDevice::beyond_l2`): see [`MULTI_TILE_ROWS`]
     pub beyond_l2: bool,
+    /// the op's whole `dx` takes at least [`FLAT_STREAM_FROM_BYTES`]: a streaming `dx` then
+    /// streams in every case (see [`grad_rows_cached`])
+    pub large_dx: bool,
 }
 
 impl<T: Element> Kernel for GradRows<'_, T> {
@@ -2509,7 +2512,7 @@ impl<T: Element> Kernel for GradRows<'_, T> {
     fn run<S: Simd>(self, s: S) {
         // the store kind fixed at compile time: as a third run-time choice in the loop
         // (with `y` and `dz`) it cost 7-10 % of a single-thread bf16 cl backward
-        let stream = self.stream && !grad_rows_cached::<S, T>(self.c);
+        let stream = self.stream && (self.large_dx || !grad_rows_cached::<S, T>(self.c));
         with_fetch!(self.ahead, |pf| if stream {
             grad_rows::<S, T, true>(s, self, pf);
         } else {
@@ -2520,6 +2523,16 @@ impl<T: Element> Kernel for GradRows<'_, T> {
         }
     }
 }
+
+/// The whole op's `dx` from which the channels-last input gradient streams f16/bf16 rows
+/// of several channel tiles too (the flat stream), not only in the cases
+/// [`grad_rows_cached`] leaves streamed. Measured on the 2-core Intel Xeon (AVX-512 FP16,
+/// 480 MiB L3; 2026-12-07, f16 backward, 2 threads, 30 calls, medians of two alternated
+/// rounds): 32x56x56x256 (51 MB of `dx`) took 7.8-8.2 ms streamed flat against
+/// 10.8-11.1 ms in cached tiles; 32x56x56x128 (25.7 MB) 3.20-3.25 ms against 2.98-3.13 ms,
+/// and 32x28x28x512 (25.7 MB) 3.21-3.51 against 3.38-3.46 ms. The Zen 4 cases where
+/// cached tiles won had 6.4 to 25.7 MB of `dx`.
+pub(crate) const FLAT_STREAM_FROM_BYTES: usize = 32 << 20;
 
 /// Whether the channels-last input gradient writes through the caches even under a
 /// streaming policy: f16 and bf16 with several channel tiles per row, whose streamed
@@ -2533,6 +2546,7 @@ impl<T: Element> Kernel for GradRows<'_, T> {
 /// 0.79-1.04x the time of streamed with 1.6 to 25.7 MB of `dx` (which the store rule
 /// keeps cached there anyway), but 1.10-1.11x in the two cases the rule streams there
 /// (32x256x56x56, f16 and bf16): over the whole suite the exception cost 0.1 % (geomean).
+/// Hence the exception holds below [`FLAT_STREAM_FROM_BYTES`] of `dx` only.
 #[cfg_attr(not(debug_assertions), inline(always))]
 fn grad_rows_cached<S: Simd, T>(c: usize) -> bool {
     std::mem::size_of::<T>() == 2 && c.is_multiple_of(S::LANES) && several_tiles::<S>(c)
@@ -2924,6 +2938,7 @@ mod tests {
                         stream: false,
                         ahead: 0,
                         beyond_l2,
+                        large_dx: false,
                     };
                     dispatch(level, kr);
                     dx
@@ -3098,7 +3113,9 @@ mod tests {
                     let dz = add.then(|| placed(&mut dzbuf, x, bytes, n));
                     let inp = GradRun { dy: &dy, x, y: relu.then_some(&y[..]) };
                     let (mean, a, gmean, k) = (&gm[..], &ga[..], &gg[..], &gk[..]);
-                    let kr = GradRows { inp, dx, dz, c, mean, a, gmean, k, stream, ahead, beyond_l2 };
+                    // large_dx: streamed, f16/bf16 rows of several tiles take the flat stream
+                    let large_dx = true;
+                    let kr = GradRows { inp, dx, dz, c, mean, a, gmean, k, stream, ahead, beyond_l2, large_dx };
                     dispatch(level, kr);
                     let dx = ybuf_values(&dxbuf, x, bytes, n);
                     let dz = ybuf_values(&dzbuf, x, bytes, n);
@@ -3288,7 +3305,9 @@ mod tests {
                 if !level.is_supported() {
                     continue;
                 }
-                for (beyond_l2, stream) in [(false, false), (true, false), (false, true), (true, true)] {
+                let modes = [(false, false, false), (true, false, false), (false, true, false), (true, true, false)];
+                for (beyond_l2, stream, large_dx) in modes.into_iter().chain([(false, true, true), (true, true, true)])
+                {
                     let (mut dx, mut dz) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
                     let kr = GradRows {
                         inp: GradRun { dy: &dy, x: &x, y: None },
@@ -3302,10 +3321,13 @@ mod tests {
                         stream,
                         ahead: 0,
                         beyond_l2,
+                        large_dx,
                     };
                     dispatch(level, kr);
                     for i in 0..n {
-                        let at = format!("{level} c {c} element {i} beyond_l2 {beyond_l2} stream {stream}");
+                        let at = format!(
+                            "{level} c {c} element {i} beyond_l2 {beyond_l2} stream {stream} large_dx {large_dx}"
+                        );
                         assert_eq!(dx[i].to_bits(), want(i).to_bits(), "dx {at}");
                         assert_eq!(dz[i].to_bits(), dy[i].to_bits(), "dz {at}");
                     }

@@ -107,7 +107,8 @@ pub enum Stores {
     /// read of every output line; a smaller op's data can, and cached outputs then go to
     /// and from the L3 alone. The 32 MiB per thread caps the L3 that a VM reports when
     /// neighbours share it. (The channels-last input gradient of f16/bf16 with several
-    /// channel tiles per row never streams: see `grad_rows_cached` in `cpu::kernels`.)
+    /// channel tiles per row streams only from 32 MiB of `dx`: see `grad_rows_cached` in
+    /// `cpu::kernels`.)
     ///
     /// Measured on a 2-core AMD EPYC (Zen 4, 1 MiB L2 per core, 32 MiB L3; 2026-12-06):
     /// 144 resnet50 cases (batch 32, 6.4 to 51 MB of output, all ops, types and layouts),
@@ -802,6 +803,7 @@ pub(crate) fn grad_input<T: Element>(
     let stream = dev.streams(T::DTYPE, a.traffic());
     let ahead = dev.prefetch_ahead(T::DTYPE, a.inputs());
     let beyond_l2 = dev.beyond_l2(T::DTYPE, a.inputs() + a.outputs());
+    let large_dx = std::mem::size_of_val(&*a.dx) >= FLAT_STREAM_FROM_BYTES;
     let Backward { x, y, dy, dx, dz } = a;
     match shape.pattern() {
         Pattern::Planes { s, .. } => {
@@ -838,6 +840,7 @@ pub(crate) fn grad_input<T: Element>(
                         stream,
                         ahead,
                         beyond_l2,
+                        large_dx,
                     },
                 );
             });
