@@ -2512,7 +2512,8 @@ impl<T: Element> Kernel for GradRows<'_, T> {
     fn run<S: Simd>(self, s: S) {
         // the store kind fixed at compile time: as a third run-time choice in the loop
         // (with `y` and `dz`) it cost 7-10 % of a single-thread bf16 cl backward
-        let stream = self.stream && (self.large_dx || !grad_rows_cached::<S, T>(self.c));
+        let aliased = grad_stores_alias::<S, T>(&self.inp, self.dx, self.dz.as_deref());
+        let stream = self.stream && !grad_rows_cached::<S, T>(self.c, self.large_dx, aliased);
         with_fetch!(self.ahead, |pf| if stream {
             grad_rows::<S, T, true>(s, self, pf);
         } else {
@@ -2530,26 +2531,50 @@ impl<T: Element> Kernel for GradRows<'_, T> {
 /// 480 MiB L3; 2026-12-07, f16 backward, 2 threads, 30 calls, medians of two alternated
 /// rounds): 32x56x56x256 (51 MB of `dx`) took 7.8-8.2 ms streamed flat against
 /// 10.8-11.1 ms in cached tiles; 32x56x56x128 (25.7 MB) 3.20-3.25 ms against 2.98-3.13 ms,
-/// and 32x28x28x512 (25.7 MB) 3.21-3.51 against 3.38-3.46 ms. The Zen 4 cases where
-/// cached tiles won had 6.4 to 25.7 MB of `dx`.
+/// and 32x28x28x512 (25.7 MB) 3.21-3.51 against 3.38-3.46 ms. On a 2-core Zen 4 (32 MiB
+/// L3; 2026-12-07, 4 alternated rounds) bf16 32x56x56x256 took 8.05 ms streamed flat
+/// against 9.48 cached, f16 8.64 against 9.98.
 pub(crate) const FLAT_STREAM_FROM_BYTES: usize = 32 << 20;
 
+/// Channel tiles per row up to which the 16-bit channels-last input gradient stays cached
+/// under a streaming policy (see [`grad_rows_cached`]).
+const CACHED_MAX_TILES: usize = 2;
+
 /// Whether the channels-last input gradient writes through the caches even under a
-/// streaming policy: f16 and bf16 with several channel tiles per row, whose streamed
-/// stores would take the flat stream (see [`grad_rows`]) and whose loop, converting, is
-/// bound by the core more than by the line reads that streaming saves. Measured on a
-/// 2-core Zen 4 (AVX-512; 2026-12-06, `BNORM_CPU_STORES` cached against streaming, 4
-/// alternated rounds, min): cached tiles took 0.66-0.91x the time of the streamed flat
-/// stream in 13 of 14 f16/bf16 backward cases with C = 128 to 2048 (6.4 to 25.7 MB of
-/// `dx`; f16 32x512x28x28 1.10x), while with C = 64, one tile, streaming took 0.92-0.99x.
-/// On a 2-core Intel Xeon (AVX-512 FP16, 480 MiB L3; same method, 3 rounds) cached took
-/// 0.79-1.04x the time of streamed with 1.6 to 25.7 MB of `dx` (which the store rule
-/// keeps cached there anyway), but 1.10-1.11x in the two cases the rule streams there
-/// (32x256x56x56, f16 and bf16): over the whole suite the exception cost 0.1 % (geomean).
-/// Hence the exception holds below [`FLAT_STREAM_FROM_BYTES`] of `dx` only.
+/// streaming policy: f16 and bf16 rows of several channel tiles, whose streamed stores
+/// would take the flat stream (see [`grad_rows`]), when the row takes at most
+/// [`CACHED_MAX_TILES`] tiles (128 channels on AVX-512: the cached tiles walk their
+/// sub-block almost in order) or `dx` (or `dz`) sits 1-4 vectors past an input modulo
+/// 4 KiB (`aliased`, [`grad_stores_alias`]: the flat stream slows down there, the tiles
+/// little). From [`FLAT_STREAM_FROM_BYTES`] of `dx` (`large_dx`) no row stays cached.
+///
+/// Measured on a 2-core Zen 4 (AVX-512 BF16, 32 MiB L3; 2026-12-07, 2 threads, medians of
+/// 20 calls, min over alternated rounds; the VM's speed moved by up to 2x that hour).
+/// Streamed flat over cached tiles, `ci/ab_bench.py` (one case per process), 4-6 rounds:
+/// 32x128x56x56 (25.7 MB of `dx`) bf16 1.05, 1.07, 0.95, f16 1.02; 32x512x28x28 (25.7 MB)
+/// bf16 0.67, 0.77, 0.70, f16 0.77; 32x256x28x28 (12.8 MB) bf16 0.96, f16 0.90;
+/// 32x1024x14x14 (12.8 MB) bf16 0.69, f16 0.87. PyTorch took 4.68 ms on bf16 32x512x28x28
+/// there, the cached tiles 5.8-6.6 ms. In one process timing those cases one after the
+/// other (buffers from the heap, at other placements) the flat stream lost some of them
+/// (bf16 32x1024x14x14 3.0-4.7 ms in 4 rounds against 2.0-4.8 cached); with every buffer
+/// mapped on its own pages (`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072`, no
+/// aliasing) it won all six, 3 rounds: 1.08-1.58x the speed of the cached tiles, and this
+/// rule (aliasing checked) 1.12-1.40x. The same placement dependence was measured on this
+/// model on 2026-12-06 (the thirteenth run in docs/BENCHMARKS.md: a flat bf16 32x512x28x28
+/// backward at 4.66 ms with `dx` at +0 bytes, 6.7-7.2 at +16 and +64), and a session that
+/// day had found the cached tiles faster at C = 128 to 2048 in 13 of 14 cases with heap
+/// placements. On the 2-core Intel Xeon (AVX-512 FP16, 480 MiB L3) 32x28x28x512 took
+/// 3.21-3.51 ms streamed flat against 3.38-3.46 cached. Rows of one tile stream in tiles
+/// (C = 64: streaming took 0.92-0.99x the time on Zen 4). Unmeasured on AVX2, where two
+/// tiles are 32 channels.
 #[cfg_attr(not(debug_assertions), inline(always))]
-fn grad_rows_cached<S: Simd, T>(c: usize) -> bool {
-    std::mem::size_of::<T>() == 2 && c.is_multiple_of(S::LANES) && several_tiles::<S>(c)
+fn grad_rows_cached<S: Simd, T>(c: usize, large_dx: bool, aliased: bool) -> bool {
+    let tiles = (c / S::LANES).div_ceil(tile_vectors::<S>());
+    !large_dx
+        && std::mem::size_of::<T>() == 2
+        && c.is_multiple_of(S::LANES)
+        && several_tiles::<S>(c)
+        && (aliased || tiles <= CACHED_MAX_TILES)
 }
 
 /// [`GradRows`] with the store kind `STREAM` (see [`Simd::put`]).
@@ -3219,7 +3244,7 @@ mod tests {
     #[test]
     fn rows_normalize_rounds_bf16_denormal_outputs_exactly() {
         use half::bf16;
-        for (rows, c) in [(24usize, 160usize), (16, 512), (20, 32)] {
+        for (rows, c) in [(24usize, 160usize), (16, 512), (20, 32), (12, 128)] {
             let n = rows * c;
             // channels 3 and 4 (mod 5) scale by 2^-120: the small x of the second half of
             // the rows gives |y| < 2^-126 there
@@ -3274,11 +3299,13 @@ mod tests {
     }
 
     /// The same for the channels-last input gradient: `dx` and `dz` (= `dy` here, some of
-    /// it bf16 denormals) at f32 denormal values in some sub-blocks only, bit for bit.
+    /// it bf16 denormals) at f32 denormal values in some sub-blocks only, bit for bit (C =
+    /// 128: two tiles on AVX-512, cached under a streaming policy; 160 and 512: more, the
+    /// flat stream; 32: one tile on AVX-512, two on AVX2).
     #[test]
     fn rows_grad_rounds_bf16_denormal_outputs_exactly() {
         use half::bf16;
-        for (rows, c) in [(24usize, 160usize), (16, 512), (20, 32)] {
+        for (rows, c) in [(24usize, 160usize), (16, 512), (20, 32), (12, 128)] {
             let n = rows * c;
             let dy: Vec<bf16> = (0..n)
                 .map(|i| match (i / c < rows / 2, i % 29) {

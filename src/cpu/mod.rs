@@ -106,9 +106,10 @@ pub enum Stores {
     /// data cannot stay in the L3 from one call to the next, and streamed outputs skip the
     /// read of every output line; a smaller op's data can, and cached outputs then go to
     /// and from the L3 alone. The 32 MiB per thread caps the L3 that a VM reports when
-    /// neighbours share it. (The channels-last input gradient of f16/bf16 with several
-    /// channel tiles per row streams only from 32 MiB of `dx`: see `grad_rows_cached` in
-    /// `cpu::kernels`.)
+    /// neighbours share it. (The channels-last input gradient of f16/bf16 with two
+    /// channel tiles per row, 128 channels on AVX-512, or with several and a `dx` placed
+    /// 1-4 vectors past an input modulo 4 KiB, streams only from 32 MiB of `dx`: see
+    /// `grad_rows_cached` in `cpu::kernels`.)
     ///
     /// Measured on a 2-core AMD EPYC (Zen 4, 1 MiB L2 per core, 32 MiB L3; 2026-12-06):
     /// 144 resnet50 cases (batch 32, 6.4 to 51 MB of output, all ops, types and layouts),
