@@ -3298,10 +3298,29 @@ mod tests {
         }
     }
 
+    /// The 16-bit channels-last input gradient stays cached under a streaming policy for
+    /// rows of two tiles, or of more when `dx` aliases an input, never from
+    /// `FLAT_STREAM_FROM_BYTES` of `dx`, for f32 or for rows of one tile or partial vectors.
+    #[test]
+    fn grad_rows_cached_keeps_two_tile_or_aliased_16_bit_rows() {
+        use crate::cpu::simd::Scalar;
+        use half::bf16;
+        // the portable level: 8 lanes, tiles of 2 vectors; C = 16 is one tile, 32 two, 48 three
+        assert!(grad_rows_cached::<Scalar, bf16>(32, false, false));
+        assert!(grad_rows_cached::<Scalar, f16>(32, false, false));
+        assert!(!grad_rows_cached::<Scalar, bf16>(48, false, false));
+        assert!(grad_rows_cached::<Scalar, bf16>(48, false, true));
+        assert!(!grad_rows_cached::<Scalar, bf16>(48, true, true));
+        assert!(!grad_rows_cached::<Scalar, bf16>(32, true, false));
+        assert!(!grad_rows_cached::<Scalar, bf16>(16, false, true));
+        assert!(!grad_rows_cached::<Scalar, f32>(32, false, true));
+        assert!(!grad_rows_cached::<Scalar, bf16>(36, false, true));
+    }
+
     /// The same for the channels-last input gradient: `dx` and `dz` (= `dy` here, some of
     /// it bf16 denormals) at f32 denormal values in some sub-blocks only, bit for bit (C =
     /// 128: two tiles on AVX-512, cached under a streaming policy; 160 and 512: more, the
-    /// flat stream; 32: one tile on AVX-512, two on AVX2).
+    /// flat stream unless aliased; 32: one tile on AVX-512, two on AVX2).
     #[test]
     fn rows_grad_rounds_bf16_denormal_outputs_exactly() {
         use half::bf16;
