@@ -756,8 +756,31 @@ const MIN_BLOCK_ROWS: usize = 16;
 /// slower than the 32 KiB sub-blocks, 8 and 16 in between. Streamed outputs keep the long
 /// sub-blocks (4 rows there: 0.95-0.98x the speed, `bnorm bench` alternated 3x), and so
 /// does data within L2, where the loop is bound by the core (bf16 inference 32x512x7x7,
-/// 1.6 MB: 4 rows took 1.16x the time, f16 1.30x).
+/// 1.6 MB: 4 rows took 1.16x the time, f16 1.30x). The f32 normalize on AVX-512 walks more
+/// rows: see [`multi_tile_norm_rows`].
 const MULTI_TILE_ROWS: usize = 4;
+
+/// Rows per sub-block of the channels-last normalize in the case of [`MULTI_TILE_ROWS`] (a
+/// row of several tiles, data beyond L2, output cached), for elements of `elem_bytes` on a
+/// level with `regs` vector registers: f32 on the 32-register (AVX-512) levels walks an L1's
+/// worth of rows ([`ROW_BLOCK_BYTES`]), at least [`MULTI_TILE_ROWS`]; everything else the 4
+/// rows. An f32 tile holds 8 vectors of each of mean, scale and shift in registers and
+/// reloads them every sub-block: over 4 rows that is 24 loads per 32 data vectors.
+/// Measured on Zen 4 (2026-12-07, 2 threads, f32, one process calling both rules in
+/// alternation, 150-200 calls each, time of 4 rows over this rule): inference 32x512x14x14
+/// (16 rows) 1.26 and 1.21, 32x256x14x14 (32 rows) 1.18, forward_train 32x256x14x14 1.09,
+/// 32x512x14x14 1.00-1.02; C = 1024 (8 rows) 0.97-1.00, 2048 (4 rows, unchanged) 0.99-1.00;
+/// the input gradient's tiles (4 rows kept) 0.99-1.02 with this rule and 0.96-1.00 with 8 or
+/// 16 rows. On AVX2 (16 registers, tiles of 4 vectors) the rule lost: inference 32x128x28x28
+/// 0.79, 32x256x14x14 0.98. Not measured on the Intel Xeon.
+#[cfg_attr(not(debug_assertions), inline(always))]
+fn multi_tile_norm_rows(regs: usize, elem_bytes: usize, c: usize) -> usize {
+    if regs >= 32 && elem_bytes == 4 {
+        (ROW_BLOCK_BYTES / (c * elem_bytes)).max(MULTI_TILE_ROWS)
+    } else {
+        MULTI_TILE_ROWS
+    }
+}
 
 /// Pairs of rows per sub-block of the channels-last backward sums when a row takes several
 /// channel tiles and the op's data outgrows the threads' L2 (see [`MULTI_TILE_ROWS`]; the
@@ -1553,7 +1576,11 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     let o = if stream { lead_to_boundary(k.y, LINE) } else { 0 };
     let body = if o == 0 { n } else { (n / c).saturating_sub(1) * c };
     let max_w = if S::REGS >= 32 { 8 } else { 4 };
-    let rows = if c / l > max_w && k.beyond_l2 && !stream { MULTI_TILE_ROWS } else { block_rows::<T>(c) };
+    let rows = if c / l > max_w && k.beyond_l2 && !stream {
+        multi_tile_norm_rows(S::REGS, std::mem::size_of::<T>(), c)
+    } else {
+        block_rows::<T>(c)
+    };
     let shifted = (&params.0[o..], &params.1[o..], &params.2[o..]);
     for lo in (o..o + body).step_by(rows * c) {
         let hi = (lo + rows * c).min(o + body);
@@ -2900,12 +2927,13 @@ mod tests {
     }
 
     /// The channels-last normalize and input gradient with rows of several register tiles
-    /// (C = 48, 160, 512: at every level) and of one (C = 32 on AVX-512), walked in the
-    /// short sub-blocks used beyond L2 and in the long ones: the f64 formulas' values, and
-    /// the same bits both ways.
+    /// (C = 48, 160, 256, 512, 2048: at every level) and of one (C = 32 on AVX-512), walked
+    /// in the sub-blocks used beyond L2 (on AVX-512 for f32: C = 256 one of 32 rows and a
+    /// partial one of 5, C = 2048 4, 4 and 3 rows) and in the long ones: the f64 formulas'
+    /// values, and the same bits both ways.
     #[test]
     fn rows_normalize_and_grad_match_f64_in_short_and_long_sub_blocks() {
-        for (rows, c) in [(27usize, 160usize), (45, 48), (9, 512), (13, 32)] {
+        for (rows, c) in [(27usize, 160usize), (45, 48), (9, 512), (13, 32), (37, 256), (11, 2048)] {
             let n = rows * c;
             let x: Vec<f32> = (0..n).map(|i| signed(i, 1)).collect();
             let dy: Vec<f32> = (0..n).map(|i| signed(i, 2)).collect();
@@ -3296,6 +3324,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The normalize's sub-blocks of rows of several tiles beyond L2: 32 KiB of f32 rows
+    /// (at least 4) with 32 registers, 4 rows for 16-bit elements and on 16 registers.
+    #[test]
+    fn multi_tile_norm_rows_follow_the_measured_rule() {
+        assert_eq!(multi_tile_norm_rows(32, 4, 256), 32);
+        assert_eq!(multi_tile_norm_rows(32, 4, 512), 16);
+        assert_eq!(multi_tile_norm_rows(32, 4, 1024), 8);
+        assert_eq!(multi_tile_norm_rows(32, 4, 2048), MULTI_TILE_ROWS);
+        assert_eq!(multi_tile_norm_rows(32, 4, 8192), MULTI_TILE_ROWS);
+        assert_eq!(multi_tile_norm_rows(32, 2, 512), MULTI_TILE_ROWS);
+        assert_eq!(multi_tile_norm_rows(16, 4, 256), MULTI_TILE_ROWS);
     }
 
     /// The 16-bit channels-last input gradient stays cached under a streaming policy for
