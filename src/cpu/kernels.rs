@@ -762,21 +762,23 @@ const MULTI_TILE_ROWS: usize = 4;
 
 /// Rows per sub-block of the channels-last normalize in the case of [`MULTI_TILE_ROWS`] (a
 /// row of several tiles, data beyond L2, output cached), for elements of `elem_bytes` on a
-/// level with `regs` vector registers: f32 on the 32-register (AVX-512) levels walks an L1's
-/// worth of rows ([`ROW_BLOCK_BYTES`]), at least [`MULTI_TILE_ROWS`]; everything else the 4
-/// rows. An f32 tile holds 8 vectors of each of mean, scale and shift in registers and
-/// reloads them every sub-block: over 4 rows that is 24 loads per 32 data vectors.
-/// Measured on Zen 4 (2026-12-07, 2 threads, f32, one process calling both rules in
-/// alternation, 150-200 calls each, time of 4 rows over this rule): inference 32x512x14x14
-/// (16 rows) 1.26 and 1.21, 32x256x14x14 (32 rows) 1.18, forward_train 32x256x14x14 1.09,
-/// 32x512x14x14 1.00-1.02; C = 1024 (8 rows) 0.97-1.00, 2048 (4 rows, unchanged) 0.99-1.00;
-/// the input gradient's tiles (4 rows kept) 0.99-1.02 with this rule and 0.96-1.00 with 8 or
-/// 16 rows. On AVX2 (16 registers, tiles of 4 vectors) the rule lost: inference 32x128x28x28
-/// 0.79, 32x256x14x14 0.98. Not measured on the Intel Xeon.
+/// level with `regs` vector registers: f32 rows of up to 512 channels on the 32-register
+/// (AVX-512) levels walk the long sub-blocks ([`block_rows`]: 32 KiB, 16 or more rows);
+/// everything else the 4 rows. An f32 tile holds 8 vectors of each of mean, scale and shift
+/// in registers and reloads them every sub-block: over 4 rows that is 24 loads per 32 data
+/// vectors. Measured on Zen 4 (2026-12-07, 2 threads, f32, one process calling both rules
+/// in alternation, 150-200 calls each, time of 4 rows over the long sub-block): inference
+/// 32x512x14x14 (16 rows) 1.26 and 1.21, 32x256x14x14 (32 rows) 1.18, forward_train
+/// 32x256x14x14 1.09, 32x512x14x14 1.00-1.02; C = 1024 lost a little with 8 rows (0.97,
+/// 0.98) and did not gain with 16 (1.01), C = 2048 lost with 16 (0.89); the input gradient's
+/// tiles did not gain from 8 or 16 rows either (0.96-1.00). On AVX2 (16 registers, tiles
+/// of 4 vectors) the long sub-blocks lost: inference 32x128x28x28 0.79, 32x256x14x14 0.98.
+/// Not measured on the Intel Xeon.
 #[cfg_attr(not(debug_assertions), inline(always))]
 fn multi_tile_norm_rows(regs: usize, elem_bytes: usize, c: usize) -> usize {
-    if regs >= 32 && elem_bytes == 4 {
-        (ROW_BLOCK_BYTES / (c * elem_bytes)).max(MULTI_TILE_ROWS)
+    let rows = ROW_BLOCK_BYTES / (c * elem_bytes);
+    if regs >= 32 && elem_bytes == 4 && rows >= MIN_BLOCK_ROWS {
+        rows
     } else {
         MULTI_TILE_ROWS
     }
@@ -2928,9 +2930,9 @@ mod tests {
 
     /// The channels-last normalize and input gradient with rows of several register tiles
     /// (C = 48, 160, 256, 512, 2048: at every level) and of one (C = 32 on AVX-512), walked
-    /// in the sub-blocks used beyond L2 (on AVX-512 for f32: C = 256 one of 32 rows and a
-    /// partial one of 5, C = 2048 4, 4 and 3 rows) and in the long ones: the f64 formulas'
-    /// values, and the same bits both ways.
+    /// in the sub-blocks used beyond L2 (on AVX-512, the normalize for f32: C = 256 one of
+    /// 32 rows and a partial one of 5, C = 2048 4, 4 and 3 rows) and in the long ones: the
+    /// f64 formulas' values, and the same bits both ways.
     #[test]
     fn rows_normalize_and_grad_match_f64_in_short_and_long_sub_blocks() {
         for (rows, c) in [(27usize, 160usize), (45, 48), (9, 512), (13, 32), (37, 256), (11, 2048)] {
@@ -3326,13 +3328,15 @@ mod tests {
         }
     }
 
-    /// The normalize's sub-blocks of rows of several tiles beyond L2: 32 KiB of f32 rows
-    /// (at least 4) with 32 registers, 4 rows for 16-bit elements and on 16 registers.
+    /// The normalize's sub-blocks of rows of several tiles beyond L2: 32 KiB of f32 rows up
+    /// to C = 512 with 32 registers, else 4 rows (wider f32 rows, 16-bit elements, 16
+    /// registers).
     #[test]
     fn multi_tile_norm_rows_follow_the_measured_rule() {
         assert_eq!(multi_tile_norm_rows(32, 4, 256), 32);
         assert_eq!(multi_tile_norm_rows(32, 4, 512), 16);
-        assert_eq!(multi_tile_norm_rows(32, 4, 1024), 8);
+        assert_eq!(multi_tile_norm_rows(32, 4, 160), 51);
+        assert_eq!(multi_tile_norm_rows(32, 4, 1024), MULTI_TILE_ROWS);
         assert_eq!(multi_tile_norm_rows(32, 4, 2048), MULTI_TILE_ROWS);
         assert_eq!(multi_tile_norm_rows(32, 4, 8192), MULTI_TILE_ROWS);
         assert_eq!(multi_tile_norm_rows(32, 2, 512), MULTI_TILE_ROWS);
