@@ -769,9 +769,10 @@ const MULTI_TILE_ROWS: usize = 4;
 /// vectors. Measured on Zen 4 (2026-12-07, 2 threads, f32, one process calling both rules
 /// in alternation, 150-200 calls each, time of 4 rows over the long sub-block): inference
 /// 32x512x14x14 (16 rows) 1.26 and 1.21, 32x256x14x14 (32 rows) 1.18, forward_train
-/// 32x256x14x14 1.09, 32x512x14x14 1.00-1.02; C = 1024 lost a little with 8 rows (0.97,
-/// 0.98) and did not gain with 16 (1.01), C = 2048 lost with 16 (0.89); the input gradient's
-/// tiles did not gain from 8 or 16 rows either (0.96-1.00). On AVX2 (16 registers, tiles
+/// 32x256x14x14 1.09, 32x512x14x14 1.00-1.02; C = 1024 did not gain from 8 rows (0.97,
+/// 0.98, and 1.02 for the same 8 rows run as a third rule: the probe's noise) or 16 (1.01),
+/// so it keeps 4; C = 2048 lost with 16 (0.89); the input gradient's tiles did not gain from
+/// 8 or 16 rows either (0.96-1.00). On AVX2 (16 registers, tiles
 /// of 4 vectors) the long sub-blocks lost: inference 32x128x28x28 0.79, 32x256x14x14 0.98.
 /// Not measured on the Intel Xeon.
 #[cfg_attr(not(debug_assertions), inline(always))]
