@@ -757,32 +757,27 @@ const MIN_BLOCK_ROWS: usize = 16;
 /// sub-blocks (4 rows there: 0.95-0.98x the speed, `bnorm bench` alternated 3x), and so
 /// does data within L2, where the loop is bound by the core (bf16 inference 32x512x7x7,
 /// 1.6 MB: 4 rows took 1.16x the time, f16 1.30x). The f32 normalize on AVX-512 walks more
-/// rows: see [`multi_tile_norm_rows`].
+/// rows: see [`long_multi_tile_norm_rows`].
 const MULTI_TILE_ROWS: usize = 4;
 
-/// Rows per sub-block of the channels-last normalize in the case of [`MULTI_TILE_ROWS`] (a
-/// row of several tiles, data beyond L2, output cached), for elements of `elem_bytes` on a
-/// level with `regs` vector registers: f32 rows of up to 512 channels on the 32-register
-/// (AVX-512) levels walk the long sub-blocks ([`block_rows`]: 32 KiB, 16 or more rows);
-/// everything else the 4 rows. An f32 tile holds 8 vectors of each of mean, scale and shift
-/// in registers and reloads them every sub-block: over 4 rows that is 24 loads per 32 data
-/// vectors. Measured on Zen 4 (2026-12-07, 2 threads, f32, one process calling both rules
-/// in alternation, 150-200 calls each, time of 4 rows over the long sub-block): inference
-/// 32x512x14x14 (16 rows) 1.26 and 1.21, 32x256x14x14 (32 rows) 1.18, forward_train
-/// 32x256x14x14 1.09, 32x512x14x14 1.00-1.02; C = 1024 did not gain from 8 rows (0.97,
-/// 0.98, and 1.02 for the same 8 rows run as a third rule: the probe's noise) or 16 (1.01),
-/// so it keeps 4; C = 2048 lost with 16 (0.89); the input gradient's tiles did not gain from
-/// 8 or 16 rows either (0.96-1.00). On AVX2 (16 registers, tiles
-/// of 4 vectors) the long sub-blocks lost: inference 32x128x28x28 0.79, 32x256x14x14 0.98.
-/// Not measured on the Intel Xeon.
+/// Whether the channels-last normalize keeps the long sub-blocks ([`block_rows`]) in the
+/// case of [`MULTI_TILE_ROWS`] (a row of several tiles, data beyond L2, output cached), for
+/// elements of `elem_bytes` on a level with `regs` vector registers: f32 rows on the
+/// 32-register (AVX-512) levels whose 32 KiB sub-block holds at least [`MIN_BLOCK_ROWS`]
+/// rows (C <= 512: 16 or more rows). An f32 tile holds 8 vectors of each of mean, scale and
+/// shift in registers and reloads them every sub-block: over 4 rows that is 24 loads per 32
+/// data vectors. Measured on Zen 4 (2026-12-07, 2 threads, f32, one process calling both
+/// rules in alternation, 150-200 calls each, time of 4 rows over the long sub-block):
+/// inference 32x512x14x14 (16 rows) 1.26 and 1.21, 32x256x14x14 (32 rows) 1.18,
+/// forward_train 32x256x14x14 1.09, 32x512x14x14 1.00-1.02; C = 1024 did not gain from 8
+/// rows (0.97, 0.98, and 1.02 for the same 8 rows run as a third rule: the probe's noise)
+/// or 16 (1.01), so it keeps 4; C = 2048 lost with 16 (0.89); the input gradient's tiles
+/// did not gain from 8 or 16 rows either (0.96-1.00). On AVX2 (16 registers, tiles of 4
+/// vectors) the long sub-blocks lost: inference 32x128x28x28 0.79, 32x256x14x14 0.98. Not
+/// measured on the Intel Xeon.
 #[cfg_attr(not(debug_assertions), inline(always))]
-fn multi_tile_norm_rows(regs: usize, elem_bytes: usize, c: usize) -> usize {
-    let rows = ROW_BLOCK_BYTES / (c * elem_bytes);
-    if regs >= 32 && elem_bytes == 4 && rows >= MIN_BLOCK_ROWS {
-        rows
-    } else {
-        MULTI_TILE_ROWS
-    }
+fn long_multi_tile_norm_rows(regs: usize, elem_bytes: usize, c: usize) -> bool {
+    regs >= 32 && elem_bytes == 4 && ROW_BLOCK_BYTES / (c * elem_bytes) >= MIN_BLOCK_ROWS
 }
 
 /// Pairs of rows per sub-block of the channels-last backward sums when a row takes several
@@ -1579,8 +1574,9 @@ fn norm_rows<S: Simd, T: Element, const ADD: bool, const RELU: bool>(
     let o = if stream { lead_to_boundary(k.y, LINE) } else { 0 };
     let body = if o == 0 { n } else { (n / c).saturating_sub(1) * c };
     let max_w = if S::REGS >= 32 { 8 } else { 4 };
-    let rows = if c / l > max_w && k.beyond_l2 && !stream {
-        multi_tile_norm_rows(S::REGS, std::mem::size_of::<T>(), c)
+    let several = c / l > max_w && k.beyond_l2 && !stream;
+    let rows = if several && !long_multi_tile_norm_rows(S::REGS, std::mem::size_of::<T>(), c) {
+        MULTI_TILE_ROWS
     } else {
         block_rows::<T>(c)
     };
@@ -3333,15 +3329,20 @@ mod tests {
     /// to C = 512 with 32 registers, else 4 rows (wider f32 rows, 16-bit elements, 16
     /// registers).
     #[test]
-    fn multi_tile_norm_rows_follow_the_measured_rule() {
-        assert_eq!(multi_tile_norm_rows(32, 4, 256), 32);
-        assert_eq!(multi_tile_norm_rows(32, 4, 512), 16);
-        assert_eq!(multi_tile_norm_rows(32, 4, 160), 51);
-        assert_eq!(multi_tile_norm_rows(32, 4, 1024), MULTI_TILE_ROWS);
-        assert_eq!(multi_tile_norm_rows(32, 4, 2048), MULTI_TILE_ROWS);
-        assert_eq!(multi_tile_norm_rows(32, 4, 8192), MULTI_TILE_ROWS);
-        assert_eq!(multi_tile_norm_rows(32, 2, 512), MULTI_TILE_ROWS);
-        assert_eq!(multi_tile_norm_rows(16, 4, 256), MULTI_TILE_ROWS);
+    fn long_multi_tile_norm_rows_follow_the_measured_rule() {
+        // f32 on 32 registers up to C = 512 keeps the 32 KiB sub-block (32, 16, 51 rows) ...
+        assert!(long_multi_tile_norm_rows(32, 4, 256));
+        assert!(long_multi_tile_norm_rows(32, 4, 512));
+        assert!(long_multi_tile_norm_rows(32, 4, 160));
+        assert_eq!(block_rows::<f32>(256), 32);
+        assert_eq!(block_rows::<f32>(512), 16);
+        assert_eq!(block_rows::<f32>(160), 51);
+        // ... wider f32 rows, 16-bit elements and 16 registers walk MULTI_TILE_ROWS
+        assert!(!long_multi_tile_norm_rows(32, 4, 1024));
+        assert!(!long_multi_tile_norm_rows(32, 4, 2048));
+        assert!(!long_multi_tile_norm_rows(32, 4, 8192));
+        assert!(!long_multi_tile_norm_rows(32, 2, 512));
+        assert!(!long_multi_tile_norm_rows(16, 4, 256));
     }
 
     /// The 16-bit channels-last input gradient stays cached under a streaming policy for
