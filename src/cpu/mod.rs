@@ -234,8 +234,16 @@ impl CpuDevice {
         match self.stores {
             Stores::Cached => false,
             Stores::Streaming => true,
-            Stores::Auto => elements.saturating_mul(dtype.size()) >= self.stream_from_bytes(),
+            Stores::Auto => self.beyond_l3(dtype, elements),
         }
+    }
+
+    /// Whether `elements` values of `dtype` outgrow the L3: at least
+    /// [`CpuDevice::stream_from_bytes`], the bound from which [`Stores::Auto`] streams. The
+    /// channels-last backward sums then read f32 rows in order (see
+    /// `kernels::sums_walk_rows`).
+    pub(crate) fn beyond_l3(&self, dtype: DType, elements: usize) -> bool {
+        elements.saturating_mul(dtype.size()) >= self.stream_from_bytes()
     }
 
     /// The pass-count traffic from which [`Stores::Auto`] streams: the L3 (where sysfs
@@ -753,6 +761,7 @@ pub(crate) fn grad_sums<T: Element>(
     let ahead = dev.prefetch_ahead(T::DTYPE, backward_inputs(x, dy, y));
     // counted with the output of x's size that the backward writes next
     let beyond_l2 = dev.beyond_l2(T::DTYPE, backward_inputs(x, dy, y) + x.len());
+    let beyond_l3 = dev.beyond_l3(T::DTYPE, backward_inputs(x, dy, y));
     let threads = dev.threads();
     match shape.pattern() {
         Pattern::Planes { n, c, s } => {
@@ -779,7 +788,7 @@ pub(crate) fn grad_sums<T: Element>(
                 let lo = t * block;
                 let hi = (lo + block).min(x.len());
                 let (dy, x, y) = (&dy[lo..hi], &x[lo..hi], y.map(|y| &y[lo..hi]));
-                dispatch(level, GradSumRows { dy, x, y, mean, prefetch: ahead > 0, beyond_l2 })
+                dispatch(level, GradSumRows { dy, x, y, mean, prefetch: ahead > 0, beyond_l2, beyond_l3 })
             };
             dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
             let mut total = SumTotals::new(c);
