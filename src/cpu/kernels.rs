@@ -677,6 +677,8 @@ pub(crate) struct RowMomentsKernel<'a, T> {
     /// the op's data outgrows the threads' L2 (`CpuDevice::beyond_l2`): then prefetch
     /// anyway when a row takes several tiles
     pub beyond_l2: bool,
+    /// `x` outgrows the L3 (`CpuDevice::beyond_l3`): see [`rows_in_order`]
+    pub beyond_l3: bool,
 }
 
 impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
@@ -700,8 +702,10 @@ impl<T: Element> Kernel for RowMomentsKernel<'_, T> {
         } else {
             (x, Scratch::with_capacity(0))
         };
-        // whole vectors per row: register-blocked tiles; an odd last row goes below
-        let pairs_end = body.len() / (2 * c) * 2 * c;
+        // whole vectors per row: register-blocked tiles; an odd last row, and f32 rows read
+        // from memory ([`rows_in_order`]), go below
+        let tiles = !rows_in_order::<S, T>(c, self.beyond_l3);
+        let pairs_end = if tiles { body.len() / (2 * c) * 2 * c } else { 0 };
         let tiled = &body[..pairs_end];
         // several tiles per row walk each sub-block with a stride: prefetching the next
         // sub-block then pays from beyond L2 up (bf16 forward on 12.8 MB, C = 256 / 512 /
@@ -789,25 +793,29 @@ fn long_multi_tile_norm_rows(regs: usize, elem_bytes: usize, c: usize) -> bool {
 /// well, no better.
 const MULTI_TILE_SUM_PAIRS: usize = 4;
 
-/// The widest rows that [`sums_walk_rows`] reads in order.
-const SUMS_ROWS_MAX_CHANNELS: usize = 512;
+/// The widest rows that [`rows_in_order`] reads in order.
+const IN_ORDER_MAX_CHANNELS: usize = 512;
 
-/// Whether the channels-last backward sums read rows of `c` channels of `T` in order,
-/// with their accumulators in L1 ([`grad_sums_rows`]: per vector two more loads and two
-/// stores), rather than in register tiles: f32 rows of several tiles and at most
-/// [`SUMS_ROWS_MAX_CHANNELS`] on the 32-register levels, when the inputs outgrow the L3
-/// (`beyond_l3`). The tiles walk each sub-block of rows several times, a few lines of each
-/// row at a time; from memory the rows read in order went faster. Measured on Zen 4
-/// (2026-12-07, 2 threads, f32 backward, one process calling both in alternation, 60-80
-/// calls each, time of the tiles over the rows): 32x28x28x256 1.19, 1.32, 1.36; 32x28x28x512
-/// 1.17; 32x56x56x128 1.16; 32x56x56x256 1.20. Where they lost: inputs within the L3
-/// (32x14x14x512 0.93, 32x14x14x256 0.94), wider rows (32x14x14x1024 0.88, 0.96, 1.01;
-/// 32x7x7x2048 0.83), rows of one tile (32x56x56x64 0.85, tiles unchanged) and bf16, whose
-/// loop converts each vector (32x28x28x256 0.84, 32x28x28x512 1.05, 32x14x14x1024 0.86,
-/// 32x56x56x128 0.91). Not measured on AVX2 or the Intel Xeon.
+/// Whether the channels-last reductions (the backward sums, the training forward's
+/// moments) read rows of `c` channels of `T` in order, with their accumulators in L1
+/// ([`grad_sums_rows`], [`row_moments_rows`]: per vector two more loads and two stores),
+/// rather than in register tiles: f32 rows of several tiles and at most
+/// [`IN_ORDER_MAX_CHANNELS`] on the 32-register levels, when the reduction's inputs
+/// outgrow the L3 (`beyond_l3`). The tiles walk each sub-block of rows several times, a
+/// few lines of each row at a time; from memory the rows read in order went faster.
+/// Measured on Zen 4 (2026-12-07, 2 threads, f32, one process calling both in
+/// alternation, 60-80 calls each, time of the tiles over the rows). Backward:
+/// 32x28x28x256 1.19, 1.32, 1.36; 32x28x28x512 1.17; 32x56x56x128 1.16; 32x56x56x256
+/// 1.20. Forward: 32x56x56x128 1.14, 1.20; 32x56x56x256 1.08; 32x28x28x512 0.98 (no
+/// gain). Where they lost: inputs within the L3 (backward 32x14x14x512 0.93,
+/// 32x14x14x256 0.94; forward 32x28x28x256 1.03, 0.95, 32x14x14x512 0.79), wider rows
+/// (backward 32x14x14x1024 0.88, 0.96, 1.01, 32x7x7x2048 0.83; forward 32x14x14x1024
+/// 0.74), rows of one tile (backward 32x56x56x64 0.85, tiles unchanged) and bf16, whose
+/// loop converts each vector (backward 32x28x28x256 0.84, 32x28x28x512 1.05, 32x14x14x1024
+/// 0.86, 32x56x56x128 0.91). Not measured on AVX2 or the Intel Xeon.
 #[cfg_attr(not(debug_assertions), inline(always))]
-fn sums_walk_rows<S: Simd, T>(c: usize, beyond_l3: bool) -> bool {
-    beyond_l3 && S::REGS >= 32 && std::mem::size_of::<T>() == 4 && several_tiles::<S>(c) && c <= SUMS_ROWS_MAX_CHANNELS
+fn rows_in_order<S: Simd, T>(c: usize, beyond_l3: bool) -> bool {
+    beyond_l3 && S::REGS >= 32 && std::mem::size_of::<T>() == 4 && several_tiles::<S>(c) && c <= IN_ORDER_MAX_CHANNELS
 }
 
 /// Rows per sub-block for `c` channels of `T`.
@@ -2079,7 +2087,7 @@ pub(crate) struct GradSumRows<'a, T> {
     /// [`MULTI_TILE_SUM_PAIRS`]
     pub beyond_l2: bool,
     /// the inputs (`x`, `dy` and `y`) outgrow the L3 (`CpuDevice::beyond_l3`): see
-    /// [`sums_walk_rows`]
+    /// [`rows_in_order`]
     pub beyond_l3: bool,
 }
 
@@ -2097,8 +2105,8 @@ impl<T: Element> Kernel for GradSumRows<'_, T> {
         let mut tot = SumTotals::new(c);
         // whole vectors per row: register-blocked tiles over pairs of rows, as for the
         // moments; the odd last row, any C, and f32 rows read from memory
-        // ([`sums_walk_rows`]) row by row
-        let tiles = c.is_multiple_of(S::LANES) && !sums_walk_rows::<S, T>(c, self.beyond_l3);
+        // ([`rows_in_order`]) row by row
+        let tiles = c.is_multiple_of(S::LANES) && !rows_in_order::<S, T>(c, self.beyond_l3);
         let tiled = if tiles { self.x.len() / (2 * c) * 2 * c } else { 0 };
         let part =
             |lo: usize, hi: usize| GradRun { dy: &self.dy[lo..hi], x: &self.x[lo..hi], y: self.y.map(|y| &y[lo..hi]) };
@@ -2827,14 +2835,17 @@ mod tests {
 
     /// Rows moments of a block that starts at every element offset from a cache line (the
     /// aligned, rotated read of [`RowMomentsKernel`] and its left-over row), with C a
-    /// multiple of the lanes and not, odd and even row counts, on every level, against the
-    /// f64 moments of each channel: every value must be counted once, in its channel.
+    /// multiple of the lanes and not, odd and even row counts, on every level, in tiles and
+    /// read in order ([`rows_in_order`]), against the f64 moments of each channel: every
+    /// value must be counted once, in its channel.
     #[test]
     fn row_moments_at_every_offset_match_f64() {
         let value =
             |i: usize| 1e3 + ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 % 1000.0 / 7.0 + i as f32 % 3.0;
         // (300, 16): three sub-blocks of rows, so the tiles prefetch the next one
-        for (rows, c) in [(2usize, 16usize), (3, 16), (37, 32), (40, 48), (9, 64), (5, 20), (200, 16), (300, 16)] {
+        for (rows, c) in
+            [(2usize, 16usize), (3, 16), (37, 32), (40, 48), (9, 64), (5, 20), (200, 16), (300, 16), (37, 96)]
+        {
             let store: Vec<f32> = (0..rows * c + 16).map(value).collect();
             for off in 0..16 {
                 let x = &store[off..off + rows * c];
@@ -2844,13 +2855,15 @@ mod tests {
                     if !level.is_supported() {
                         continue;
                     }
-                    let run = |prefetch: bool, beyond_l2: bool| {
+                    let run = |prefetch: bool, beyond_l2: bool, beyond_l3: bool| {
                         let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().copied()));
-                        dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch, beyond_l2 });
+                        dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch, beyond_l2, beyond_l3 });
                         acc.finish()
                     };
-                    // beyond L2, rows of several tiles (C > 16 on AVX2) prefetch too
-                    let (t, fetched, beyond) = (run(false, false), run(true, false), run(false, true));
+                    // beyond L2, rows of several tiles (C > 16 on AVX2) prefetch too; beyond
+                    // L3, f32 rows of several tiles on AVX-512 (C = 96) are read in order
+                    let (t, fetched) = (run(false, false, false), run(true, false, false));
+                    let (beyond, in_order) = (run(false, true, false), run(false, true, true));
                     for (j, (got, want)) in (0..c).map(|j| t.get(j)).zip(&want).enumerate() {
                         let at = format!("{level} rows {rows} c {c} offset {off} channel {j}");
                         assert_eq!(got.count, want.count, "{at}");
@@ -2861,6 +2874,10 @@ mod tests {
                         let bits = |m: Moments| (m.count.to_bits(), m.mean.to_bits(), m.m2.to_bits());
                         assert_eq!(bits(fetched.get(j)), bits(got), "{at}");
                         assert_eq!(bits(beyond.get(j)), bits(got), "{at}");
+                        let o = in_order.get(j);
+                        assert_eq!(o.count, want.count, "{at} in order");
+                        assert!((o.mean - want.mean).abs() <= 1e-6 * want.mean.abs(), "{at} in order: {o:?} {want:?}");
+                        assert!((o.m2 - want.m2).abs() <= 1e-5 * want.m2 + 1e-3, "{at} in order: {o:?} {want:?}");
                     }
                 }
             }
@@ -2877,7 +2894,7 @@ mod tests {
     /// level: the f64 sums of each channel, and the same bits with prefetching as without,
     /// and in the short sub-blocks used beyond L2 (rows of several tiles: C = 32 on AVX2,
     /// C = 160 on both) as in the long ones; beyond L3 (f32 C = 160 read row by row on
-    /// AVX-512, see [`sums_walk_rows`]) the f64 sums again.
+    /// AVX-512, see [`rows_in_order`]) the f64 sums again.
     #[test]
     fn grad_sum_rows_match_f64_with_and_without_prefetch() {
         for (rows, c) in [(300usize, 16usize), (130, 32), (7, 16), (75, 160)] {
@@ -3377,27 +3394,27 @@ mod tests {
         assert!(!long_multi_tile_norm_rows(16, 4, 256));
     }
 
-    /// The backward sums read rows in order beyond L3 for f32 rows of several tiles up to
-    /// 512 channels with 32 registers, else in tiles.
+    /// The channels-last reductions read rows in order beyond L3 for f32 rows of several
+    /// tiles up to 512 channels with 32 registers, else in tiles.
     #[test]
-    fn sums_walk_rows_follow_the_measured_rule() {
+    fn rows_in_order_follow_the_measured_rule() {
         use crate::cpu::simd::{Scalar, Simd};
         use half::bf16;
         #[cfg(target_arch = "x86_64")]
         {
             use crate::cpu::simd::Avx512;
             // 16 lanes, tiles of 4 vectors: C = 64 is one tile, 80 two
-            assert!(sums_walk_rows::<Avx512<false>, f32>(256, true));
-            assert!(sums_walk_rows::<Avx512<false>, f32>(512, true));
-            assert!(sums_walk_rows::<Avx512<false>, f32>(80, true));
-            assert!(!sums_walk_rows::<Avx512<false>, f32>(256, false));
-            assert!(!sums_walk_rows::<Avx512<false>, f32>(64, true));
-            assert!(!sums_walk_rows::<Avx512<false>, f32>(1024, true));
-            assert!(!sums_walk_rows::<Avx512<false>, bf16>(256, true));
+            assert!(rows_in_order::<Avx512<false>, f32>(256, true));
+            assert!(rows_in_order::<Avx512<false>, f32>(512, true));
+            assert!(rows_in_order::<Avx512<false>, f32>(80, true));
+            assert!(!rows_in_order::<Avx512<false>, f32>(256, false));
+            assert!(!rows_in_order::<Avx512<false>, f32>(64, true));
+            assert!(!rows_in_order::<Avx512<false>, f32>(1024, true));
+            assert!(!rows_in_order::<Avx512<false>, bf16>(256, true));
         }
         // the portable level has 16 registers
         const { assert!(Scalar::REGS < 32) };
-        assert!(!sums_walk_rows::<Scalar, f32>(256, true));
+        assert!(!rows_in_order::<Scalar, f32>(256, true));
     }
 
     /// The 16-bit channels-last input gradient stays cached under a streaming policy for

@@ -240,8 +240,8 @@ impl CpuDevice {
 
     /// Whether `elements` values of `dtype` outgrow the L3: at least
     /// [`CpuDevice::stream_from_bytes`], the bound from which [`Stores::Auto`] streams. The
-    /// channels-last backward sums then read f32 rows in order (see
-    /// `kernels::sums_walk_rows`).
+    /// channels-last reductions then read f32 rows in order (see
+    /// `kernels::rows_in_order`).
     pub(crate) fn beyond_l3(&self, dtype: DType, elements: usize) -> bool {
         elements.saturating_mul(dtype.size()) >= self.stream_from_bytes()
     }
@@ -464,6 +464,7 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> To
     let ahead = dev.prefetch_ahead(T::DTYPE, x.len());
     // counted with the output of x's size that every caller writes next
     let beyond_l2 = dev.beyond_l2(T::DTYPE, 2 * x.len());
+    let beyond_l3 = dev.beyond_l3(T::DTYPE, x.len());
     let threads = dev.threads();
     match shape.pattern() {
         Pattern::Planes { n, c, s } => {
@@ -485,7 +486,7 @@ pub(crate) fn moments<T: Element>(dev: &CpuDevice, shape: &Shape, x: &[T]) -> To
             let task = |t: usize| {
                 let mut acc = RowMoments::new(Scratch::collect(c, x[..c].iter().map(|v| v.to_f32())));
                 let x = &x[t * block..((t + 1) * block).min(x.len())];
-                dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch: ahead > 0, beyond_l2 });
+                dispatch(level, RowMomentsKernel { acc: &mut acc, x, prefetch: ahead > 0, beyond_l2, beyond_l3 });
                 acc.finish()
             };
             dev.map_tasks(rows.div_ceil(rows_per), task, &mut parts);
